@@ -1,0 +1,60 @@
+"""
+Rectified flow, the one place its convention is written down:
+
+    t = 0 is data, t = 1 is noise:   z_t = (1 - t) * z0 + t * noise
+    the model predicts the velocity:  v = dz_t/dt = noise - z0
+    samplers integrate dz = v dt from t = 1 (noise) down to t = 0 (data).
+"""
+import torch
+from tqdm import tqdm
+
+
+def sample_t(n, mode, mean=0.0, std=1.0, generator=None, device='cpu'):
+    # 'logit_normal' is SD3's sigmoid(N(mean, std)): more training signal at middle t, where the task is hardest
+    if mode == 'uniform':
+        return torch.rand(n, generator=generator, device=device)
+    if mode == 'logit_normal':
+        return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+    raise ValueError(f"unknown t sampling {mode!r}: use 'uniform' or 'logit_normal'")
+
+
+def loss(model, z0, t, ctx, noise):
+    """Per-sample mean squared error of the predicted velocity, (B,)."""
+    tt = t.view(-1, *[1] * (z0.dim() - 1))
+    zt = (1 - tt) * z0 + tt * noise
+    v = model(zt, t, ctx)
+    return ((v.float() - (noise - z0).float()) ** 2).mean(dim=tuple(range(1, z0.dim())))
+
+
+def shift_t(t, shift):
+    # SD3's resolution shift: shift > 1 spends more steps near noise. shift_t(., 1/s) inverts shift_t(., s).
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def guided(model, ctx, uncond, cfg):
+    """The velocity function v(z, t) with classifier-free guidance; both branches in one batched forward."""
+    if cfg == 1:
+        return lambda z, t: model(z, t, ctx)
+
+    def v(z, t):
+        v_cond, v_uncond = model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([ctx, uncond])).chunk(2)
+        return v_uncond + cfg * (v_cond - v_uncond)
+    return v
+
+
+@torch.no_grad()
+def sample(v, z, steps, sampler='euler', shift=1.0, t_start=1.0, progress=False):
+    """Integrate dz = v(z, t) dt from t_start down to 0. z: the state at t_start (pure noise when t_start = 1).
+    The grid is uniform in unshifted time, then shifted, and starts exactly at t_start."""
+    if sampler not in ('euler', 'heun'):
+        raise ValueError(f"unknown sampler {sampler!r}: use 'euler' or 'heun'")
+    u0 = shift_t(torch.tensor(float(t_start)), 1 / shift)
+    ts = shift_t(torch.linspace(1, 0, steps + 1) * u0, shift).tolist()
+    for t, t_next in tqdm(list(zip(ts[:-1], ts[1:])), disable=not progress, desc='sampling', leave=False):
+        tb = torch.full((z.shape[0],), t, device=z.device)
+        d = v(z, tb)
+        if sampler == 'heun' and t_next > 0:  # trapezoid with the slope at the Euler guess; Euler on the last step
+            d_next = v(z + (t_next - t) * d, torch.full_like(tb, t_next))
+            d = (d + d_next) / 2
+        z = z + (t_next - t) * d
+    return z

@@ -1,0 +1,291 @@
+"""
+The DiT of flowdit: a joint-attention (MMDiT-style) Diffusion Transformer, and the frozen encoders around it.
+
+Image latents are patchified into tokens, caption embeddings are projected into tokens, and every block runs
+both streams with their own weights, concatenating them only inside attention. Timestep and pooled caption
+drive AdaLN-Zero modulation of both streams, so a fresh model is the identity in every block.
+"""
+import functools
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# name -> (depth, width, heads, patch). S/B/L/XL are the DiT paper's widths and depths; with two streams
+# (image and caption) per block a preset holds about twice the parameters of the paper's model of that name.
+# Ti is the small one the embedded shapes default trains on a laptop CPU.
+_SIZES = {'Ti': (6, 192, 3), 'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
+PRESETS = {f'DiT-{name}/{p}': (d, w, h, p) for name, (d, w, h) in _SIZES.items() for p in (2, 4, 8)}
+
+
+def attention(q, k, v, impl):
+    # q, k, v: (B, H, T, hd). 'manual' spells out what the fused kernel of 'sdpa' computes.
+    if impl == 'sdpa':
+        return F.scaled_dot_product_attention(q, k, v)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, H, T, T)
+    return att.softmax(dim=-1) @ v
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_1d(t, dim, max_period=10000.0):
+    # t: (B,) -> (B, dim), the transformer's sinusoidal code
+    freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, dtype=torch.float32, device=t.device) / (dim // 2))
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_2d(dim, gh, gw):
+    # (gh*gw, dim): half the channels code the row, half the column, as in MAE and DiT
+    ys, xs = torch.meshgrid(torch.arange(gh, dtype=torch.float32), torch.arange(gw, dtype=torch.float32), indexing='ij')
+    return torch.cat([sincos_1d(ys.flatten(), dim // 2), sincos_1d(xs.flatten(), dim // 2)], dim=-1)
+
+
+class Stream(nn.Module):
+    """One stream's half of a joint block: modulation, QKV with RMS-normed Q and K, output projection, MLP.
+    The caption stream of the last block only feeds attention (its output is never read): post=False."""
+
+    def __init__(self, dim, heads, post=True):
+        super().__init__()
+        self.heads, self.post = heads, post
+        self.mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, (6 if post else 2) * dim))
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        if post:
+            self.proj = nn.Linear(dim, dim)
+            self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate='tanh'), nn.Linear(4 * dim, dim))
+
+    def pre_attention(self, x, y):
+        # x: (B, T, D) tokens, y: (B, D) conditioning -> q, k, v (B, H, T, hd) and the remaining modulation
+        mod = self.mod(y).chunk(6 if self.post else 2, dim=-1)
+        B, T, D = x.shape
+        qkv = self.qkv(modulate(self.norm1(x), mod[0], mod[1]))  # (B, T, 3D)
+        q, k, v = qkv.view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+        return self.q_norm(q), self.k_norm(k), v, mod[2:]
+
+    def post_attention(self, x, o, mod):
+        # o: (B, T, D) attention output for this stream's tokens
+        gate_attn, shift_mlp, scale_mlp, gate_mlp = mod
+        x = x + gate_attn.unsqueeze(1) * self.proj(o)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class JointBlock(nn.Module):
+    def __init__(self, dim, heads, attn_impl, last=False):
+        super().__init__()
+        self.attn_impl = attn_impl
+        self.img = Stream(dim, heads)
+        self.txt = Stream(dim, heads, post=not last)
+
+    def forward(self, x, c, y):
+        # x: (B, N, D) image tokens, c: (B, L, D) caption tokens, y: (B, D) conditioning
+        qx, kx, vx, mod_x = self.img.pre_attention(x, y)
+        qc, kc, vc, mod_c = self.txt.pre_attention(c, y)
+        q, k, v = (torch.cat(pair, dim=2) for pair in ((qx, qc), (kx, kc), (vx, vc)))  # (B, H, N+L, hd)
+        o = attention(q, k, v, self.attn_impl).transpose(1, 2).flatten(2)  # (B, N+L, D)
+        N = x.shape[1]
+        x = self.img.post_attention(x, o[:, :N], mod_x)
+        c = self.txt.post_attention(c, o[:, N:], mod_c) if self.txt.post else c
+        return x, c
+
+
+class DiT(nn.Module):
+    def __init__(self, preset, in_channels, caption_dim, grid, attn_impl='sdpa', grad_checkpointing=False):
+        super().__init__()
+        if preset not in PRESETS:
+            raise ValueError(f"unknown model preset {preset!r}; choose from {', '.join(PRESETS)}")
+        depth, dim, heads, patch = PRESETS[preset]
+        if grid % patch:
+            raise ValueError(f'latent grid {grid} is not divisible by the patch size {patch} of {preset}')
+        self.patch, self.in_channels, self.grid, self.dim, self.depth = patch, in_channels, grid, dim, depth
+        self.grad_checkpointing = grad_checkpointing
+        self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
+        self.pos_embed = nn.Parameter(torch.zeros(1, (grid // patch) ** 2, dim))
+        self.t_embed = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.pool_proj = nn.Linear(caption_dim, dim)  # W_c of t~ = W_t Emb(t) + W_c mean(c)
+        self.caption_proj = nn.Linear(caption_dim, dim)
+        self.blocks = nn.ModuleList([JointBlock(dim, heads, attn_impl, last=i == depth - 1) for i in range(depth)])
+        self.final_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.final = nn.Linear(dim, patch * patch * in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.weight  # initialised like a linear layer, as in DiT
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        g = self.grid // self.patch
+        self.pos_embed.data.copy_(sincos_2d(self.dim, g, g).unsqueeze(0))
+        for m in self.t_embed:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        # AdaLN-Zero: zero modulation means zero gates, so every block starts as the identity and the output at 0
+        for block in self.blocks:
+            for stream in (block.img, block.txt):
+                nn.init.zeros_(stream.mod[-1].weight)
+                nn.init.zeros_(stream.mod[-1].bias)
+        for m in (self.final_mod[-1], self.final):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x, t, ctx):
+        # x: (B, C, H, W) latents, t: (B,) in [0, 1], ctx: (B, L, caption_dim) caption embeddings
+        B, C, H, W = x.shape
+        p, gh, gw = self.patch, H // self.patch, W // self.patch
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D), N = (H/p)*(W/p)
+        x = x + self.pos_embed_for(gh, gw)
+        y = self.t_embed(sincos_1d(1000 * t, 256)) + self.pool_proj(ctx.mean(dim=1))  # (B, D)
+        c = self.caption_proj(ctx)  # (B, L, D)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x, c = checkpoint(block, x, c, y, use_reentrant=False)
+            else:
+                x, c = block(x, c, y)
+        shift, scale = self.final_mod(y).chunk(2, dim=-1)
+        x = self.final(modulate(self.final_norm(x), shift, scale))  # (B, N, p*p*C)
+        x = x.view(B, gh, gw, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, gh, p, gw, p)
+        return x.reshape(B, C, H, W)
+
+    def pos_embed_for(self, gh, gw):
+        # the learned table covers the trained grid; another grid gets it resized bilinearly
+        g = self.grid // self.patch
+        if (gh, gw) == (g, g):
+            return self.pos_embed
+        pos = self.pos_embed.view(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+        pos = F.interpolate(pos, size=(gh, gw), mode='bilinear', align_corners=False)
+        return pos.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_image(self, n_txt):
+        """Training FLOPs per image (forward + backward = 3x forward), matmuls only: linear layers and attention."""
+        N, L, D = (self.grid // self.patch) ** 2, n_txt, self.dim
+        per_block = 12 * D * D * (N + L) + 2 * (N + L) ** 2 * D  # MACs: qkv 3D^2 + proj D^2 + mlp 8D^2; QK^T, AV
+        macs = self.depth * per_block - 9 * D * D * L  # the last block's caption stream stops after its qkv
+        macs += 2 * self.in_channels * self.patch ** 2 * D * N  # patch embedding and final projection
+        return 3 * 2 * macs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Frozen encoders. Text: captions -> (B, L, D). VAE: pixels in [-1, 1] <-> latents. Both named by a setting.
+
+class HashTextEncoder(nn.Module):
+    """Weight-free, offline: each word maps to a fixed pseudo-random vector (a hash of the word seeds it), plus a
+    fixed vector for its position, so word order survives. The DiT's caption projection learns the rest.
+    Padding and the empty caption are zeros."""
+
+    def __init__(self, dim=64, max_length=16):
+        super().__init__()
+        self.dim, self.max_length = dim, max_length
+        self.register_buffer('pos', torch.randn(max_length, dim, generator=torch.Generator().manual_seed(0)) / 2)
+
+    @functools.lru_cache(maxsize=65536)
+    def word(self, w):
+        seed = int.from_bytes(w.encode(), 'little') % (2 ** 63)  # stable across runs, unlike hash()
+        return np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
+
+    def forward(self, captions):
+        out = torch.zeros(len(captions), self.max_length, self.dim)
+        for i, caption in enumerate(captions):
+            words = ''.join(ch if ch.isalnum() else ' ' for ch in caption.lower()).split()[:self.max_length]
+            if words:
+                out[i, :len(words)] = torch.from_numpy(np.stack([self.word(w) for w in words])) + self.pos[:len(words)]
+        return out.to(self.pos.device)
+
+
+class HFTextEncoder(nn.Module):
+    """Any transformers text model by hub id or path: CLIP and T5 encoders, or a decoder LM whose hidden states serve
+    as embeddings. Captions are padded to max_length; layer picks the hidden state (-1: the last)."""
+
+    def __init__(self, name, max_length, layer):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
+        self.tokenizer = AutoTokenizer.from_pretrained(name)
+        if self.tokenizer.pad_token is None:  # decoder LMs often have none
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        config = AutoConfig.from_pretrained(name)
+        if config.model_type in ('t5', 'mt5', 'umt5'):
+            self.model = T5EncoderModel.from_pretrained(name)  # the encoder half only
+        else:
+            self.model = AutoModel.from_pretrained(name)
+        if hasattr(self.model, 'text_model'):  # a full CLIP/SigLIP checkpoint: keep the text tower
+            self.model = self.model.text_model
+        self.model.requires_grad_(False).eval()
+        self.max_length, self.layer = max_length, layer
+        cfg = self.model.config
+        self.dim = getattr(cfg, 'hidden_size', None) or getattr(cfg, 'd_model')
+
+    @torch.no_grad()
+    def forward(self, captions):
+        tok = self.tokenizer(list(captions), padding='max_length', max_length=self.max_length, truncation=True,
+                             return_tensors='pt').to(self.model.device)
+        out = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask, output_hidden_states=True)
+        return out.hidden_states[self.layer]  # (B, L, D)
+
+
+def load_text_encoder(name, max_length, layer=-1):
+    return HashTextEncoder(max_length=max_length) if name == 'hash' else HFTextEncoder(name, max_length, layer)
+
+
+class PixelSpace(nn.Module):
+    """vae = '': the model works on pixels directly."""
+    channels, factor = 3, 1
+
+    def encode(self, x):
+        return x
+
+    def decode(self, z):
+        return z
+
+
+class VAE(nn.Module):
+    """A diffusers AutoencoderKL by hub id or path. Latents are the posterior mean, shifted and scaled so that they
+    are roughly unit-variance: z = (mean - shift_factor) * scaling_factor; decode inverts it exactly."""
+
+    def __init__(self, name, subfolder=''):
+        super().__init__()
+        from diffusers import AutoencoderKL
+        self.vae = AutoencoderKL.from_pretrained(name, subfolder=subfolder or None).requires_grad_(False).eval()
+        cfg = self.vae.config
+        self.channels = cfg.latent_channels
+        self.factor = 2 ** (len(cfg.block_out_channels) - 1)
+        self.scale, self.shift = cfg.scaling_factor, getattr(cfg, 'shift_factor', None) or 0.0
+
+    @torch.no_grad()
+    def encode(self, x):
+        # x: (B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f)
+        mean = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean
+        return (mean - self.shift) * self.scale
+
+    @torch.no_grad()
+    def decode(self, z):
+        return self.vae.decode(z.to(self.vae.dtype) / self.scale + self.shift).sample
+
+
+def load_vae(name, subfolder=''):
+    return PixelSpace() if name == '' else VAE(name, subfolder)
+
+
+def load_checkpoint(path):
+    """The checkpoint dict, or a one-line exit that says what is wrong with it."""
+    if not os.path.isfile(path):
+        sys.exit(f'error: no checkpoint at {path}: train one first (python train.py ...) or point --out_dir at one')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        sys.exit(f'error: checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})')

@@ -1,0 +1,123 @@
+"""
+Generate images from a flowdit checkpoint (the EMA weights).
+
+    python sample.py --prompt "large red circle in the center, blue background" --prompt "small white square at the top, black background" --n 4
+    python sample.py --prompts_file prompts.txt --cfg 4 --steps 28 --sampler heun --out grid.png
+    python sample.py --prompt "..." --init_image photo.png --strength 0.6      # image-to-image
+    python sample.py --eval                                                    # shapes: prompt adherence
+
+The grid has one row per prompt, in order, and --n columns, each cell at the model's native resolution.
+"""
+import argparse
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import flow
+from model import DiT, load_checkpoint, load_text_encoder, load_vae
+
+
+def to_uint8(x):
+    # (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, rows, path):
+    # images: (rows * cols, H, W, 3) uint8, row-major
+    cols = len(images) // rows
+    grid = images.reshape(rows, cols, *images.shape[1:]).transpose(0, 2, 1, 3, 4)  # (rows, H, cols, W, 3)
+    Image.fromarray(grid.reshape(rows * images.shape[1], cols * images.shape[2], 3)).save(path)
+
+
+@torch.no_grad()
+def generate(model, text_encoder, vae, prompts, negative_prompt='', steps=28, cfg=4.0, sampler='euler', shift=1.0,
+             seed=0, init=None, strength=1.0, progress=False):
+    """One image per prompt, (B, H, W, 3) uint8. init: optional (B, 3, H, W) pixels in [-1, 1] for image-to-image."""
+    device = next(model.parameters()).device
+    g = model.grid * vae.factor
+    ctx = text_encoder(prompts).to(device)
+    uncond = text_encoder([negative_prompt] * len(prompts)).to(device)
+    noise = torch.randn(len(prompts), model.in_channels, model.grid, model.grid,
+                        generator=torch.Generator().manual_seed(seed)).to(device)
+    z = noise
+    if init is not None:  # noise the given image to t = strength and integrate from there
+        z0 = vae.encode(torch.nn.functional.interpolate(init.to(device), size=(g, g), mode='bilinear'))
+        z = (1 - strength) * z0.float() + strength * noise
+    v = flow.guided(model, ctx, uncond, cfg)
+    z = flow.sample(v, z, steps, sampler, shift, t_start=strength if init is not None else 1.0, progress=progress)
+    return to_uint8(vae.decode(z))
+
+
+def load_for_sampling(out_dir, device, text_encoder=None, vae=None):
+    """EMA model, text encoder and VAE as the checkpoint recorded them (the encoders overridable)."""
+    ckpt = load_checkpoint(f'{out_dir}/ckpt.pt')
+    cfg = ckpt['config']
+    te = load_text_encoder(text_encoder or cfg['text_encoder'], cfg['text_max_length'], cfg['text_layer'])
+    ae = load_vae(cfg['vae'] if vae is None else vae, cfg['vae_subfolder'])
+    if te.dim != ckpt['caption_dim'] or ae.channels != ckpt['in_channels']:
+        raise SystemExit(f"error: the checkpoint was trained with text encoder {cfg['text_encoder']!r} "
+                         f"(width {ckpt['caption_dim']}) and vae {cfg['vae']!r} ({ckpt['in_channels']} channels); "
+                         f'the ones given have width {te.dim} and {ae.channels} channels')
+    model = DiT(cfg['model'], ckpt['in_channels'], ckpt['caption_dim'], ckpt['grid'], cfg['attn_impl'])
+    model.load_state_dict(ckpt['ema'])
+    return model.to(device).eval(), te.to(device), ae.to(device), cfg
+
+
+def evaluate(model, te, vae, args):
+    """Shapes: sample every attribute combination once and read the attributes back from the pixels."""
+    import data
+    scenes = data.all_scenes()[::args.eval_stride]
+    images = []
+    for i in range(0, len(scenes), 256):
+        prompts = [data.caption(**s) for s in scenes[i:i + 256]]
+        images.append(generate(model, te, vae, prompts, args.negative_prompt, args.steps, args.cfg, args.sampler,
+                               args.shift, args.seed + i))
+        print(f'sampled {i + len(prompts)}/{len(scenes)}', flush=True)
+    scores = data.adherence(np.concatenate(images), scenes)
+    print(f'prompt adherence over {len(scenes)} prompts: ' + ', '.join(f'{k} {v:.1%}' for k, v in scores.items()))
+    return scores
+
+
+if __name__ == '__main__':
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument('--prompt', action='append', default=[], help='a prompt; repeat the flag for more rows')
+    p.add_argument('--prompts_file', help='a text file with one prompt per line')
+    p.add_argument('--n', type=int, default=4, help='samples per prompt (grid columns)')
+    p.add_argument('--steps', type=int, default=28)
+    p.add_argument('--cfg', type=float, default=4.0, help='classifier-free guidance scale (1 = none)')
+    p.add_argument('--sampler', default='euler', choices=['euler', 'heun'])
+    p.add_argument('--shift', type=float, default=1.0, help="SD3's time shift (>1: more steps near noise)")
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--negative_prompt', default='', help='replaces the empty caption of the unconditional branch')
+    p.add_argument('--init_image', help='image-to-image: start from this image noised to t = strength')
+    p.add_argument('--strength', type=float, default=0.6)
+    p.add_argument('--out_dir', default='out', help='the checkpoint folder (ckpt.pt)')
+    p.add_argument('--out', default='samples.png', help='PNG path of the grid')
+    p.add_argument('--text_encoder', help="override the checkpoint's text encoder (id or path)")
+    p.add_argument('--vae', help="override the checkpoint's VAE (id or path, '' for pixels)")
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--eval', action='store_true', help='shapes: measure prompt adherence over all attribute combos')
+    p.add_argument('--eval_stride', type=int, default=1, help='with --eval: every k-th combination')
+    args = p.parse_args()
+
+    model, te, vae, cfg = load_for_sampling(args.out_dir, args.device, args.text_encoder, args.vae)
+    if args.eval:
+        evaluate(model, te, vae, args)
+        raise SystemExit
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        p.error('give at least one --prompt or a --prompts_file')
+    init = None
+    if args.init_image:
+        img = np.asarray(Image.open(args.init_image).convert('RGB'), dtype=np.float32) / 127.5 - 1
+        init = torch.from_numpy(img).permute(2, 0, 1)[None].expand(len(prompts) * args.n, -1, -1, -1)
+    t0 = time.time()
+    images = generate(model, te, vae, [q for q in prompts for _ in range(args.n)], args.negative_prompt, args.steps,
+                      args.cfg, args.sampler, args.shift, args.seed, init, args.strength, progress=True)
+    save_grid(images, len(prompts), args.out)
+    print(f'wrote {args.out}: {len(prompts)} prompts x {args.n} samples in {time.time() - t0:.1f}s')

@@ -1,0 +1,36 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# a training run small enough for a few seconds on a CPU
+TINY = ['--model=DiT-Ti/4', '--image_size=16', '--batch_size=8', '--text_max_length=10', '--sample_interval=0',
+        '--log_interval=1', '--device=cpu']
+
+
+def run(args, check=True, timeout=300, **kw):
+    """Run a command from the repository root; on failure show what it printed."""
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
+    p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, **kw)
+    if check and p.returncode != 0:
+        pytest.fail(f'{args} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}')
+    return p
+
+
+def logged_losses(stdout):
+    return {int(line.split()[1]): float(line.split('loss ')[1].split()[0])
+            for line in stdout.splitlines() if line.startswith('step ')}
+
+
+def randomize(model, seed=0):
+    """A fresh DiT outputs zeros by design; tests of its arithmetic need weights that do something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model

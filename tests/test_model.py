@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from conftest import randomize
+from model import DiT, HashTextEncoder, JointBlock, PRESETS
+
+
+def hand_count(depth, D, heads, p, C, Dt, grid):
+    """Parameters of a preset, counted from the architecture description, not from the code."""
+    hd = D // heads
+    pre = (D * 6 * D + 6 * D) + (3 * D * D + 3 * D) + 2 * hd  # modulation, qkv, q/k RMSNorm weights
+    post = (D * D + D) + (D * 4 * D + 4 * D) + (4 * D * D + D)  # out projection, MLP
+    last_txt = (D * 2 * D + 2 * D) + (3 * D * D + 3 * D) + 2 * hd  # the last caption stream only feeds attention
+    blocks = depth * (pre + post) + (depth - 1) * (pre + post) + last_txt
+    embed = (C * p * p * D + D) + (grid // p) ** 2 * D + (256 * D + D + D * D + D) + 2 * (Dt * D + D)
+    final = (D * 2 * D + 2 * D) + (D * p * p * C + p * p * C)
+    return blocks + embed + final
+
+
+@pytest.mark.parametrize('name', ['DiT-Ti/4', 'DiT-S/2', 'DiT-B/2', 'DiT-L/4', 'DiT-XL/2', 'DiT-XL/8'])
+def test_presets_shapes_and_parameter_counts(name):
+    depth, D, heads, p = PRESETS[name]
+    with torch.device('meta'):  # XL/2 needs no memory to be counted
+        m = DiT(name, in_channels=4, caption_dim=768, grid=32)
+    assert m.num_params() == hand_count(depth, D, heads, p, 4, 768, 32)
+    assert len(m.blocks) == depth and m.dim == D
+    assert m.pos_embed.shape == (1, (32 // p) ** 2, D)
+
+
+def test_paper_widths_and_depths():
+    assert [PRESETS[f'DiT-{n}/2'][:3] for n in ('S', 'B', 'L', 'XL')] == \
+        [(12, 384, 6), (12, 768, 12), (24, 1024, 16), (28, 1152, 16)]
+    assert {name.split('/')[1] for name in PRESETS} == {'2', '4', '8'}
+
+
+def test_forward_shape_and_unknown_preset():
+    m = randomize(DiT('DiT-Ti/4', 3, 64, 16))
+    out = m(torch.randn(2, 3, 16, 16), torch.rand(2), torch.randn(2, 10, 64))
+    assert out.shape == (2, 3, 16, 16) and out.abs().sum() > 0
+    with pytest.raises(ValueError, match='unknown model preset'):
+        DiT('DiT-Q/2', 3, 64, 16)
+
+
+def test_adaln_zero_blocks_start_as_identity():
+    torch.manual_seed(0)
+    m = DiT('DiT-Ti/2', 4, 32, 16)
+    x, c, y = torch.randn(2, 64, 192), torch.randn(2, 7, 192), torch.randn(2, 192)
+    for block in m.blocks:
+        x2, c2 = block(x, c, y)
+        assert torch.equal(x2, x) and torch.equal(c2, c)
+    assert torch.equal(m(torch.randn(2, 4, 16, 16), torch.rand(2), torch.randn(2, 7, 32)), torch.zeros(2, 4, 16, 16))
+
+
+def test_manual_attention_matches_sdpa():
+    torch.manual_seed(0)
+    sdpa = randomize(DiT('DiT-Ti/2', 3, 64, 16, attn_impl='sdpa'))
+    manual = DiT('DiT-Ti/2', 3, 64, 16, attn_impl='manual')
+    manual.load_state_dict(sdpa.state_dict())
+    x, t, ctx = torch.randn(3, 3, 16, 16), torch.rand(3), torch.randn(3, 10, 64)
+    a, b = sdpa(x, t, ctx), manual(x, t, ctx)
+    assert a.abs().mean() > 0.1
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_text_tokens_change_the_image_stream():
+    # joint attention: the caption must reach the image tokens
+    m = randomize(DiT('DiT-Ti/4', 3, 64, 16))
+    x, t = torch.randn(1, 3, 16, 16), torch.rand(1)
+    assert not torch.allclose(m(x, t, torch.randn(1, 10, 64)), m(x, t, torch.randn(1, 10, 64)))
+
+
+def test_positional_embedding_resizes_to_another_grid():
+    m = randomize(DiT('DiT-Ti/4', 3, 64, 16))
+    assert m.pos_embed_for(4, 4) is m.pos_embed
+    out = m(torch.randn(1, 3, 32, 24), torch.rand(1), torch.randn(1, 10, 64))
+    assert out.shape == (1, 3, 32, 24)
+    # a table that is constant along the grid stays constant when resized bilinearly
+    with torch.no_grad():
+        m.pos_embed.copy_(torch.arange(m.dim, dtype=torch.float32).expand_as(m.pos_embed))
+    assert torch.allclose(m.pos_embed_for(8, 6), m.pos_embed[:, :1].expand(1, 48, -1))
+
+
+def test_hash_text_encoder():
+    enc = HashTextEncoder(dim=64, max_length=10)
+    a, b, empty = enc(['small red circle on the left, blue background', 'small blue circle on the left, red background', ''])
+    assert a.shape == (10, 64)
+    assert torch.equal(empty, torch.zeros(10, 64))  # the unconditional input
+    assert torch.equal(a[8:], torch.zeros(2, 64))  # padding after the 8 words
+    assert not torch.allclose(a, b)  # word order matters: the shape's color is not the background's
+    assert torch.equal(enc(['Small RED circle'])[0, :3], a[:3])  # case and punctuation do not
+    assert torch.equal(HashTextEncoder(64, 10)(['red'])[0], enc(['red'])[0])  # the same vectors in every process

@@ -1,0 +1,107 @@
+"""train.py and sample.py run for real, as subprocesses, on tiny settings."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY, logged_losses, run
+
+
+def train(out_dir, *extra):
+    return run([sys.executable, 'train.py', *TINY, f'--out_dir={out_dir}', *extra])
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp('run')
+    p = train(out, '--max_iters=6', '--ckpt_interval=3')
+    return out, p.stdout
+
+
+def test_train_logs_and_checkpoint(trained):
+    out, stdout = trained
+    losses = logged_losses(stdout)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(0 < v < 10 for v in losses.values())
+    assert 'img/s' in stdout and 'eta' in stdout and 'loss by t' in stdout
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)  # plain types and state_dicts only
+    assert ckpt['step'] == 6 and ckpt['config']['max_iters'] == 6 and ckpt['data'] == [{'step': 6}]
+    assert set(ckpt) >= {'model', 'ema', 'optimizer', 'step', 'config', 'data'}
+    assert not any(k.startswith(('_orig_mod', 'module')) for k in ckpt['model'])
+    assert not os.path.exists(out / 'ckpt.pt.tmp')
+    # the EMA moved, but not as far as the model
+    assert not torch.equal(ckpt['ema']['final.weight'], ckpt['model']['final.weight'])
+    assert ckpt['ema']['final.weight'].abs().sum() > 0
+
+
+def test_resume_gives_the_same_losses(trained, tmp_path):
+    _, stdout = trained
+    train(tmp_path, '--max_iters=3')
+    p = train(tmp_path, '--max_iters=6', '--init_from=resume')
+    assert 'resumed' in p.stdout
+    full, resumed = logged_losses(stdout), logged_losses(p.stdout)
+    assert sorted(resumed) == [4, 5, 6]
+    assert all(resumed[s] == full[s] for s in resumed), (full, resumed)
+
+
+def test_sample_grid(trained, tmp_path):
+    out, _ = trained
+    args = [sys.executable, 'sample.py', f'--out_dir={out}', '--prompt', 'large red circle in the center, blue background',
+            '--prompt', 'small white square at the top, black background', '--n', '3', '--steps', '4', '--device=cpu']
+    p = run(args + ['--out', str(tmp_path / 'a.png'), '--seed', '5'])
+    assert 'wrote' in p.stdout
+    run(args + ['--out', str(tmp_path / 'b.png'), '--seed', '5'])
+    run(args + ['--out', str(tmp_path / 'c.png'), '--seed', '6', '--sampler', 'heun', '--shift', '2'])
+    a, b, c = (np.asarray(Image.open(tmp_path / f)) for f in ('a.png', 'b.png', 'c.png'))
+    assert a.shape == (2 * 16, 3 * 16, 3)  # one row per prompt, n columns, native resolution, no padding
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    # prompts from a file, image-to-image, a negative prompt
+    (tmp_path / 'prompts.txt').write_text('small red circle on the left, blue background\n\nlarge blue square on the right, red background\n')
+    Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(tmp_path / 'init.png')
+    run([sys.executable, 'sample.py', f'--out_dir={out}', '--prompts_file', str(tmp_path / 'prompts.txt'), '--n', '2',
+         '--steps', '4', '--init_image', str(tmp_path / 'init.png'), '--strength', '0.5', '--negative_prompt', 'black',
+         '--out', str(tmp_path / 'd.png')])
+    assert np.asarray(Image.open(tmp_path / 'd.png')).shape == (2 * 16, 2 * 16, 3)
+
+
+def one_line_error(p, *needles):
+    assert p.returncode != 0
+    err = p.stderr.strip()
+    assert 'Traceback' not in err and len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+    sample = [sys.executable, 'sample.py', '--prompt', 'x', f'--out_dir={tmp_path}']
+    one_line_error(run(sample, check=False), 'no checkpoint', str(tmp_path))
+    one_line_error(run([sys.executable, 'train.py', *TINY, f'--out_dir={tmp_path}', '--init_from=resume'], check=False),
+                   'no checkpoint')
+    (tmp_path / 'ckpt.pt').write_bytes(b'not a checkpoint at all' * 10)
+    one_line_error(run(sample, check=False), 'unreadable')
+
+
+def test_config_file_and_overrides(tmp_path):
+    cfg = tmp_path / 'c.py'
+    cfg.write_text('batch_size = 8\nlearning_rate = 3e-4\n')
+    p = run([sys.executable, 'train.py', str(cfg), *TINY, '--batch_size=4', '--max_iters=0', f'--out_dir={tmp_path}'])
+    assert 'global batch 4' in p.stdout  # the command line wins over the file
+    one_line_error(run([sys.executable, 'train.py', '--max_itres=5'], check=False), "unknown setting 'max_itres'")
+    one_line_error(run([sys.executable, 'train.py', '--max_iters=ten'], check=False), 'max_iters must be int')
+    one_line_error(run([sys.executable, 'train.py', '--compile=1'], check=False), 'compile must be bool')
+    one_line_error(run([sys.executable, 'train.py', str(tmp_path / 'none.py')], check=False), 'no config file')
+    bad = tmp_path / 'bad.py'
+    bad.write_text('batch_size = 8\nlearnig_rate = 3e-4\n')
+    one_line_error(run([sys.executable, 'train.py', str(bad)], check=False), "unknown setting 'learnig_rate'", str(bad))
+    # an int is a fine float
+    p = run([sys.executable, 'train.py', *TINY, '--learning_rate=1', '--max_iters=0', f'--out_dir={tmp_path}'])
+    assert p.returncode == 0
+
+
+def test_every_shipped_config_parses(tmp_path):
+    for name in sorted(os.listdir(os.path.join(os.path.dirname(__file__), '..', 'config'))):
+        scope = {}
+        exec(open(os.path.join(os.path.dirname(__file__), '..', 'config', name)).read(), scope)
+        assert all(type(v) in (int, float, bool, str) for k, v in scope.items() if not k.startswith('_')), name

@@ -1,0 +1,257 @@
+"""
+Train a flowdit model. One code path for 1 to N processes.
+
+One process (CPU or one GPU):
+    python train.py config/shapes.py
+    python train.py config/shapes.py --batch_size=32 --max_iters=500
+One node, 8 GPUs:
+    torchrun --standalone --nproc_per_node=8 train.py config/laion_b2.py
+Several nodes (run on each, node_rank 0..N-1):
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 train.py config/laion_b2.py
+Resume where the last checkpoint stopped: add --init_from=resume.
+"""
+import ast
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from copy import deepcopy
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import flow
+from model import DiT, load_checkpoint, load_text_encoder, load_vae
+from sample import generate, save_grid
+
+# ----- I/O
+out_dir = 'out'
+init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+log_interval = 10
+ckpt_interval = 500
+sample_interval = 500  # a PNG grid of sample_prompts from the EMA weights; 0 = never
+sample_prompts = 'large red circle in the center, blue background|small yellow triangle on the left, purple background|large white square at the bottom, black background|small green circle at the top, orange background'
+# ----- data
+dataset = 'shapes'
+image_size = 32
+# ----- model and encoders
+model = 'DiT-Ti/4'  # a preset of model.PRESETS
+attn_impl = 'sdpa'  # 'sdpa' or 'manual': the same numbers
+text_encoder = 'hash'  # 'hash' (weight-free, offline) or a transformers model id / path
+text_max_length = 12
+text_layer = -1  # which hidden state of the text encoder (-1: the last)
+vae = ''  # '' trains on pixels; else a diffusers AutoencoderKL id / path
+vae_subfolder = ''
+# ----- flow
+t_sampling = 'logit_normal'  # or 'uniform'
+t_mean = 0.0
+t_std = 1.0
+cond_drop = 0.1  # probability a caption is replaced by "" so classifier-free guidance works
+# ----- optimisation
+batch_size = 64  # per process
+max_iters = 1000
+learning_rate = 1e-4
+min_lr = 1e-5
+warmup_iters = 100
+decay_lr = False  # cosine from learning_rate to min_lr over max_iters
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.999
+grad_clip = 1.0  # 0 = off
+ema_decay = 0.9999
+ema_warmup = True  # decay min(ema_decay, (1 + step) / (10 + step)): short runs get a usable EMA
+# ----- sampling while training
+sample_steps = 28
+sample_cfg = 4.0
+# ----- system
+seed = 0
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype; master weights stay fp32
+compile = torch.cuda.is_available()
+
+
+def configure(settings, argv):
+    """Apply config files (exec'd) and --key=value overrides to the settings dict; unknown keys and values of
+    another type are errors."""
+    def apply(key, value, where):
+        if key not in settings:
+            sys.exit(f'config error: unknown setting {key!r} ({where})')
+        old = settings[key]
+        if type(value) is int and type(old) is float:
+            value = float(value)
+        if type(value) is not type(old):
+            sys.exit(f'config error: {key} must be {type(old).__name__}, got {value!r} ({where})')
+        settings[key] = value
+
+    for arg in argv:
+        if arg.startswith('--'):
+            key, sep, text = arg[2:].partition('=')
+            if not sep:
+                sys.exit(f'config error: write --{key}=VALUE')
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare string, e.g. --out_dir=out-shapes
+            apply(key, value, 'command line')
+        else:
+            if not os.path.isfile(arg):
+                sys.exit(f'config error: no config file {arg}')
+            scope = {}
+            exec(open(arg).read(), scope)
+            for key, value in scope.items():
+                if not key.startswith('_'):
+                    apply(key, value, arg)
+
+
+settings = {k: v for k, v in globals().items() if not k.startswith('_') and type(v) in (int, float, bool, str)}
+configure(settings, sys.argv[1:])
+globals().update(settings)
+config = dict(settings)  # what the checkpoint records
+
+# ----- processes, devices, seeds
+ddp = 'RANK' in os.environ
+if ddp:
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device.startswith('cuda'):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+else:
+    rank, world = 0, 1
+master = rank == 0
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+torch.manual_seed(seed)  # the same initial weights on every rank; DDP checks
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+
+
+def log(msg):
+    if master:
+        print(msg, flush=True)
+
+
+# ----- encoders, model, optimiser, EMA
+text_enc = load_text_encoder(text_encoder, text_max_length, text_layer).to(device)
+vae_model = load_vae(vae, vae_subfolder).to(device)
+if image_size % vae_model.factor:
+    sys.exit(f'config error: image_size {image_size} is not a multiple of the VAE downsampling {vae_model.factor}')
+grid = image_size // vae_model.factor
+raw_model = DiT(model, vae_model.channels, text_enc.dim, grid, attn_impl).to(device)
+ema = deepcopy(raw_model).requires_grad_(False)  # synced with the model now and on resume
+optimizer = torch.optim.AdamW(raw_model.parameters(), lr=learning_rate, betas=(beta1, beta2),
+                              weight_decay=weight_decay, fused=device_type == 'cuda')
+stream = data.ShapesStream(batch_size, image_size, seed, rank)
+step = 0
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if init_from == 'resume':
+    ckpt = load_checkpoint(ckpt_path)
+    raw_model.load_state_dict(ckpt['model'])
+    ema.load_state_dict(ckpt['ema'])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    stream.load_state_dict(ckpt['data'][rank] if rank < len(ckpt['data']) else ckpt['data'][0])
+    step = ckpt['step']
+    log(f'resumed from {ckpt_path} at step {step}')
+elif init_from != 'scratch':
+    sys.exit(f"config error: init_from must be 'scratch' or 'resume', got {init_from!r}")
+log(f'{model}: {raw_model.num_params() / 1e6:.2f}M parameters, {grid}x{grid}x{vae_model.channels} latents, '
+    f'{world} process(es), global batch {batch_size * world}')
+net = torch.compile(raw_model) if compile else raw_model
+net = DDP(net, device_ids=[device] if device_type == 'cuda' else None) if ddp else net
+with torch.no_grad():
+    uncond = text_enc(['']).to(device)  # (1, L, D): the unconditional caption
+
+
+def lr_at(it):
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / warmup_iters
+    if not decay_lr:
+        return learning_rate
+    progress = (it - warmup_iters) / max(1, max_iters - warmup_iters)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def save_checkpoint():
+    states = [stream.state_dict()]
+    if ddp:  # every rank's stream position, so each rank resumes its own stream
+        states = [None] * world
+        dist.all_gather_object(states, stream.state_dict())
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        ckpt = dict(model=raw_model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                    config=config, data=states, in_channels=vae_model.channels, caption_dim=text_enc.dim, grid=grid)
+        torch.save(ckpt, ckpt_path + '.tmp')
+        os.replace(ckpt_path + '.tmp', ckpt_path)  # atomic: a crash mid-write leaves the last checkpoint intact
+
+
+def write_samples():
+    prompts = sample_prompts.split('|')
+    images = generate(ema, text_enc, vae_model, [p for p in prompts for _ in range(4)], steps=sample_steps,
+                      cfg=sample_cfg, seed=seed)
+    if master:
+        save_grid(images, len(prompts), os.path.join(out_dir, f'samples_{step:06d}.png'))
+
+
+# ----- the loop. Every random draw of a step comes from generators seeded by (seed, rank, step): the step is the RNG
+# state, so a resumed run continues exactly.
+n_bins = 4
+loss_sum = torch.zeros((), device=device)
+bin_sum, bin_count = torch.zeros(n_bins, device=device), torch.zeros(n_bins, device=device)
+t_begin, t_last, step_start, images_seen = time.time(), time.time(), step, 0
+while step < max_iters:
+    images, captions = next(stream)
+    gen = torch.Generator(device).manual_seed(seed + 1_000_003 * rank + 7_919 * step)
+    x = images.to(device, non_blocking=True).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
+    with torch.no_grad(), autocast:
+        z0 = vae_model.encode(x).float()  # (B, C, grid, grid)
+        ctx = text_enc(captions)
+    drop = torch.rand(len(captions), generator=gen, device=device) < cond_drop
+    ctx = torch.where(drop[:, None, None], uncond, ctx)
+    t = flow.sample_t(len(captions), t_sampling, t_mean, t_std, gen, device)
+    noise = torch.randn(z0.shape, generator=gen, device=device)
+    for group in optimizer.param_groups:
+        group['lr'] = lr_at(step)
+    with autocast:
+        per_sample = flow.loss(net, z0, t, ctx, noise)
+    loss = per_sample.mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    optimizer.step()
+    decay = min(ema_decay, (1 + step) / (10 + step)) if ema_warmup else ema_decay
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - decay)
+    step += 1
+
+    loss_sum += loss.detach()
+    b = (t * n_bins).long().clamp(max=n_bins - 1)
+    bin_sum.index_add_(0, b, per_sample.detach())
+    bin_count.index_add_(0, b, torch.ones_like(per_sample))
+    images_seen += len(captions) * world
+    if step % log_interval == 0 or step == max_iters:
+        stats = torch.cat([loss_sum.view(1), bin_sum, bin_count])
+        if ddp:
+            dist.all_reduce(stats)  # the logged loss is the mean over ranks
+        n_steps = (step - 1) % log_interval + 1
+        dt = time.time() - t_last
+        rate = images_seen / dt
+        eta = (max_iters - step) * (time.time() - t_begin) / (step - step_start)
+        log(f'step {step} | loss {stats[0].item() / world / n_steps:.4f} | lr {lr_at(step - 1):.2e} | '
+            f'{rate:.1f} img/s | eta {eta / 60:.1f} min')
+        if step % (10 * log_interval) == 0 or step == max_iters:
+            bins = stats[1:1 + n_bins] / stats[1 + n_bins:].clamp(min=1)
+            log('  loss by t: ' + ' '.join(f'[{i / n_bins:.2f},{(i + 1) / n_bins:.2f}) {v:.4f}' for i, v in enumerate(bins.tolist())))
+            bin_sum.zero_(), bin_count.zero_()
+        loss_sum.zero_()
+        t_last, images_seen = time.time(), 0
+    if step % ckpt_interval == 0 or step == max_iters:
+        save_checkpoint()
+    if sample_interval and (step % sample_interval == 0 or step == max_iters):
+        write_samples()
+
+if ddp:
+    dist.destroy_process_group()
