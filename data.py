@@ -111,3 +111,307 @@ def adherence(images, scenes):
         for k in hits:
             hits[k] += seen.get(k) == scene[k]
     return {k: v / len(scenes) for k, v in hits.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The LAION stream: shards of (url, caption, width, height) rows, written by prepare_laion.py as JSON lines, fetched
+# from their URLs during training. Real LAION is hostile (dead links, hangs, HTML named .jpg, pixel bombs), so every
+# fetch has a total deadline and a byte cap, and a failure is counted under its reason and skipped.
+
+import concurrent.futures
+import glob
+import hashlib
+import io
+import ipaddress
+import json
+import os
+import socket
+import time
+import urllib.parse
+
+import requests
+import urllib3
+from PIL import Image, ImageOps
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+REASONS = ('bad_url', 'private_address', 'http_error', 'connection', 'timeout', 'too_large', 'redirect_loop',
+           'robots_noai', 'not_an_image', 'pixel_bomb', 'too_small')
+Image.MAX_IMAGE_PIXELS = None  # the pixel limit is ours, checked from the header before any decoding
+
+
+class Skip(Exception):
+    """An image that cannot be used; args[0] is one of REASONS."""
+
+
+def read_shard(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def fetch(session, url, deadline, max_bytes, allow_private, honor_robots, max_redirects=5):
+    """The body of url within `deadline` seconds in all (a hang or a slow drip is cut off), or Skip(reason)."""
+    end = time.monotonic() + deadline
+    for _ in range(max_redirects + 1):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ('http', 'https') or not parts.hostname:
+            raise Skip('bad_url')
+        if not allow_private:  # refuse addresses inside the training cluster's network
+            try:
+                addrs = {info[4][0] for info in socket.getaddrinfo(parts.hostname, parts.port or 80)}
+            except (socket.gaierror, UnicodeError):
+                raise Skip('connection')
+            if any(not ipaddress.ip_address(a.split('%')[0]).is_global for a in addrs):
+                raise Skip('private_address')
+        left = end - time.monotonic()
+        if left <= 0:
+            raise Skip('timeout')
+        try:
+            r = session.get(url, stream=True, timeout=(left / 2, left / 2), allow_redirects=False)
+        except requests.exceptions.Timeout:
+            raise Skip('timeout')
+        except (requests.exceptions.RequestException, ValueError):
+            raise Skip('connection')
+        with r:
+            if r.is_redirect:  # followed by hand, so that every hop's address is checked
+                url = urllib.parse.urljoin(url, r.headers['location'])
+                continue
+            if r.status_code != 200:
+                raise Skip('http_error')
+            if honor_robots and {'noai', 'noimageai'} & set(r.headers.get('x-robots-tag', '').lower().replace(',', ' ').replace(':', ' ').split()):
+                raise Skip('robots_noai')
+            if int(r.headers.get('content-length') or 0) > max_bytes:
+                raise Skip('too_large')
+            body = bytearray()
+            try:
+                while True:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        raise Skip('timeout')
+                    if r.raw.connection is not None and r.raw.connection.sock is not None:
+                        r.raw.connection.sock.settimeout(left)  # no single read outlives the deadline
+                    chunk = r.raw.read1(65536)
+                    if not chunk:
+                        return bytes(body)
+                    body += chunk
+                    if len(body) > max_bytes:
+                        raise Skip('too_large')
+            except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
+                raise Skip('timeout')
+            except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError):
+                raise Skip('connection')
+    raise Skip('redirect_loop')
+
+
+def session(threads):
+    """Connections reused across fetches; retries with backoff for 429, 5xx and failed connects only (a read
+    timeout is a hang: not retried), never honouring a Retry-After that would stall the stream."""
+    s = requests.Session()
+    retry = Retry(total=2, connect=2, read=False, redirect=0, status=2, status_forcelist=(429, 500, 502, 503, 504),
+                  backoff_factor=0.25, backoff_max=1.0, respect_retry_after_header=False, raise_on_status=False)
+    for prefix in ('http://', 'https://'):
+        s.mount(prefix, HTTPAdapter(max_retries=retry, pool_maxsize=threads))
+    s.headers['User-Agent'] = 'flowdit/1.0 (image-text research; honours X-Robots-Tag noai)'
+    return s
+
+
+def decode(content, size, max_pixels, min_size):
+    """Raw bytes -> RGB image whose shorter side is `size`, or Skip(reason)."""
+    try:
+        im = Image.open(io.BytesIO(content))  # reads the header only
+        if im.width * im.height > max_pixels:
+            raise Skip('pixel_bomb')
+        if min(im.size) < min_size:
+            raise Skip('too_small')
+        im.draft('RGB', (size, size))  # JPEG: decode at a power-of-two reduction no smaller than needed
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):  # 16-bit grayscale: keep the high byte
+            im = im.point(lambda v: v / 256).convert('L')
+        if im.mode in ('RGBA', 'LA', 'PA') or (im.mode == 'P' and 'transparency' in im.info):
+            im = im.convert('RGBA')  # matte alpha onto white
+            im = Image.alpha_composite(Image.new('RGBA', im.size, (255, 255, 255, 255)), im)
+        im = im.convert('RGB')  # CMYK, palette, grayscale
+    except Skip:
+        raise
+    except Exception:  # HTML served as image/jpeg, truncated files, unknown formats
+        raise Skip('not_an_image')
+    scale = size / min(im.size)
+    return im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.BICUBIC,
+                     reducing_gap=3.0)
+
+
+class Cache:
+    """Processed images as files under a folder, by default in RAM (/dev/shm), shared by every worker and rank of a
+    node and kept across restarts. A file is b'I' + (height, width) as 2-byte ints + the raw RGB bytes, or b'F' + the
+    reason a URL failed, so a second pass makes no requests at all. The byte bound holds without locks: each of the
+    node's writers gets an equal share of what was free when it started."""
+
+    def __init__(self, folder, max_bytes, writers):
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+        used = sum(e.stat().st_size for e in os.scandir(folder) if e.is_file())
+        self.budget = max(0, max_bytes - used) // writers
+
+    def path(self, key):
+        return os.path.join(self.folder, hashlib.sha1(key.encode()).hexdigest())
+
+    def get(self, key):
+        """The RGB array, None if absent; raises Skip for a URL known to fail."""
+        try:
+            with open(self.path(key), 'rb') as f:
+                blob = f.read()
+        except FileNotFoundError:
+            return None
+        if blob[:1] == b'F':
+            raise Skip(blob[1:].decode())
+        h, w = int.from_bytes(blob[1:3], 'little'), int.from_bytes(blob[3:5], 'little')
+        return np.frombuffer(blob, dtype=np.uint8, offset=5).reshape(h, w, 3)
+
+    def put(self, key, img=None, reason=''):
+        if img is None:
+            blob = b'F' + reason.encode()
+        else:
+            blob = b'I' + img.shape[0].to_bytes(2, 'little') + img.shape[1].to_bytes(2, 'little') + img.tobytes()
+        if len(blob) > self.budget:
+            return
+        self.budget -= len(blob)
+        tmp = f'{self.path(key)}.{os.getpid()}.tmp'
+        with open(tmp, 'wb') as f:
+            f.write(blob)
+        os.replace(tmp, self.path(key))  # readers never see half a file
+
+
+class LaionShards(torch.utils.data.IterableDataset):
+    """Runs in each DataLoader worker: its share of the shards, fetched by a pool of threads, yielded as batches
+    (images, captions, worker, position, stats). Shards are split over ranks x workers afresh each epoch (a seeded
+    shuffle), disjoint and together complete, and the stream never ends, so no rank runs dry.
+
+    A worker's position is (epoch, shard, below, done): every row before `below` of its current shard and the rows
+    in `done` are finished (served or failed). Images are served as they arrive, out of order; the position sent with
+    a batch covers exactly the rows finished by then, so resuming from it serves no image twice and skips none."""
+
+    def __init__(self, shards, batch_size, image_size, seed, rank, world, workers, o):
+        super().__init__()
+        self.shards, self.batch_size, self.size, self.seed = sorted(shards), batch_size, image_size, seed
+        self.rank, self.world, self.workers, self.o = rank, world, max(1, workers), o
+        self.positions = {}  # worker -> position to resume from
+        if len(self.shards) < world * self.workers:
+            raise ValueError(f'{len(self.shards)} shard(s) cannot feed {world} rank(s) x {self.workers} worker(s): '
+                             f'write at least {world * self.workers} (prepare_laion.py --num_shards)')
+
+    def my_shards(self, epoch, g):
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        return [self.shards[i] for i in order[g::self.world * self.workers]]
+
+    def load(self, row, key, rng):
+        """The square uint8 (3, S, S) crop of one row, through the cache; Skip on failure."""
+        img = self.cache.get(key)
+        cached = img is not None
+        if not cached:
+            o = self.o
+            try:
+                content = fetch(self.session, row['url'], o['fetch_timeout'], o['max_image_bytes'],
+                                o['allow_private_urls'], o['honor_robots'])
+                img = np.asarray(decode(content, self.size, o['max_image_pixels'], o['min_image_size']))
+            except Skip as e:
+                self.cache.put(key, reason=e.args[0])
+                raise
+            self.cache.put(key, img)
+        h, w = img.shape[:2]
+        y, x = ((rng.integers(0, h - self.size + 1), rng.integers(0, w - self.size + 1)) if self.o['random_crop']
+                else ((h - self.size) // 2, (w - self.size) // 2))
+        img = img[y:y + self.size, x:x + self.size]
+        if self.o['random_flip'] and rng.random() < 0.5:
+            img = img[:, ::-1]
+        return cached, torch.from_numpy(img.copy()).permute(2, 0, 1)  # a cached array is read-only
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w = info.id if info else 0
+        g = self.rank * self.workers + w
+        self.cache = Cache(self.o['cache_dir'], self.o['cache_bytes'],
+                           int(os.environ.get('LOCAL_WORLD_SIZE', 1)) * self.workers)
+        self.session = session(self.o['fetch_threads'])
+        stats = {k: 0 for k in ('served', 'cache_hits') + REASONS}
+        epoch, shard, below, done = self.positions.get(w, (0, 0, 0, []))
+        done = set(done)
+        pool = concurrent.futures.ThreadPoolExecutor(self.o['fetch_threads'])
+        images, captions = [], []
+        while True:
+            served_before = stats['served']
+            mine = self.my_shards(epoch, g)
+            for s in range(shard, len(mine)):
+                rows, sid = read_shard(mine[s]), self.shards.index(mine[s])
+                order = np.random.default_rng([self.seed, epoch, sid]).permutation(len(rows))
+                todo = (i for i in range(below, len(rows)) if i not in done)
+                running = {}
+                while True:
+                    for i in todo:  # keep the pool busy
+                        row = rows[order[i]]
+                        rng = np.random.default_rng([self.seed, epoch, sid, i])
+                        running[pool.submit(self.load, row, f"{row['url']}|{self.size}", rng)] = (i, row['caption'])
+                        if len(running) >= 2 * self.o['fetch_threads']:
+                            break
+                    if not running:
+                        break
+                    finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                    for fut in finished:
+                        i, caption = running.pop(fut)
+                        done.add(i)
+                        try:
+                            cached, img = fut.result()
+                        except Skip as e:
+                            stats[e.args[0]] += 1
+                            continue
+                        stats['served'] += 1
+                        stats['cache_hits'] += cached
+                        images.append(img)
+                        captions.append(caption)
+                        if len(images) == self.batch_size:  # yield now: the position covers served rows only
+                            while below in done:  # rows before `below` are implied done
+                                done.discard(below)
+                                below += 1
+                            yield torch.stack(images), captions, w, (epoch, s, below, sorted(done)), dict(stats)
+                            images, captions = [], []
+                below, done = 0, set()
+            if stats['served'] == served_before:
+                raise RuntimeError(f'data worker {g}: a whole epoch of {len(mine)} shard(s) gave no usable image; '
+                                   f'counts so far: {stats}')
+            epoch, shard = epoch + 1, 0
+
+
+class LaionStream:
+    """The training side: a DataLoader over LaionShards that remembers each worker's position and counters."""
+
+    def __init__(self, pattern, batch_size, image_size, seed, rank, world, workers, pin_memory=False, **options):
+        shards = glob.glob(pattern)
+        if not shards:
+            raise SystemExit(f'error: no shards match {pattern!r}: write them with prepare_laion.py')
+        self.dataset = LaionShards(shards, batch_size, image_size, seed, rank, world, workers, options)
+        self.workers, self.pin_memory, self.loader = workers, pin_memory, None
+        self.stats = {}  # worker -> its counters
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.loader is None:
+            self.loader = iter(torch.utils.data.DataLoader(
+                self.dataset, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
+                persistent_workers=self.workers > 0, prefetch_factor=4 if self.workers else None))
+        images, captions, w, position, stats = next(self.loader)
+        self.dataset.positions[w] = position
+        self.stats[w] = stats
+        return images, captions
+
+    def state_dict(self):
+        return {'positions': {w: list(p) for w, p in self.dataset.positions.items()}}
+
+    def load_state_dict(self, state):
+        assert self.loader is None, 'load the position before the first batch'
+        self.dataset.positions = {int(w): tuple(p) for w, p in state['positions'].items()}
+
+    def counters(self):
+        """Totals over this rank's workers, in a fixed order: served, cache_hits, then REASONS."""
+        keys = ('served', 'cache_hits') + REASONS
+        return [sum(s[k] for s in self.stats.values()) for k in keys]

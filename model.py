@@ -187,55 +187,57 @@ class DiT(nn.Module):
 class HashTextEncoder(nn.Module):
     """Weight-free, offline: each word maps to a fixed pseudo-random vector (a hash of the word seeds it), plus a
     fixed vector for its position, so word order survives. The DiT's caption projection learns the rest.
-    Padding and the empty caption are zeros."""
+    Padding and the empty caption are zeros. Returns float32 on the CPU; the caller moves it."""
 
     def __init__(self, dim=64, max_length=16):
         super().__init__()
         self.dim, self.max_length = dim, max_length
-        self.register_buffer('pos', torch.randn(max_length, dim, generator=torch.Generator().manual_seed(0)) / 2)
+        self.pos = torch.randn(max_length, dim, generator=torch.Generator().manual_seed(0)) / 2
 
     @functools.lru_cache(maxsize=65536)
     def word(self, w):
         seed = int.from_bytes(w.encode(), 'little') % (2 ** 63)  # stable across runs, unlike hash()
-        return np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
+        return torch.from_numpy(np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32))
 
     def forward(self, captions):
         out = torch.zeros(len(captions), self.max_length, self.dim)
         for i, caption in enumerate(captions):
             words = ''.join(ch if ch.isalnum() else ' ' for ch in caption.lower()).split()[:self.max_length]
             if words:
-                out[i, :len(words)] = torch.from_numpy(np.stack([self.word(w) for w in words])) + self.pos[:len(words)]
-        return out.to(self.pos.device)
+                out[i, :len(words)] = torch.stack([self.word(w) for w in words]) + self.pos[:len(words)]
+        return out
+
+
+# the text-only class for model types whose checkpoints hold more (T5's decoder, CLIP's vision tower)
+TEXT_ONLY = {'t5': 'T5EncoderModel', 'mt5': 'MT5EncoderModel', 'umt5': 'UMT5EncoderModel', 'clip': 'CLIPTextModel',
+             'siglip': 'SiglipTextModel'}
 
 
 class HFTextEncoder(nn.Module):
     """Any transformers text model by hub id or path: CLIP and T5 encoders, or a decoder LM whose hidden states serve
-    as embeddings. Captions are padded to max_length; layer picks the hidden state (-1: the last)."""
+    as embeddings. Captions are padded to max_length. layer -1 is last_hidden_state (after CLIP's final norm, as SD
+    uses it); another index picks hidden_states[layer] (SDXL takes CLIP's penultimate, -2)."""
 
     def __init__(self, name, max_length, layer):
         super().__init__()
-        from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
-        self.tokenizer = AutoTokenizer.from_pretrained(name)
-        if self.tokenizer.pad_token is None:  # decoder LMs often have none
+        import transformers
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+        if self.tokenizer.pad_token is None:  # decoder LMs often have none; right padding keeps causal tokens clean
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        config = AutoConfig.from_pretrained(name)
-        if config.model_type in ('t5', 'mt5', 'umt5'):
-            self.model = T5EncoderModel.from_pretrained(name)  # the encoder half only
-        else:
-            self.model = AutoModel.from_pretrained(name)
-        if hasattr(self.model, 'text_model'):  # a full CLIP/SigLIP checkpoint: keep the text tower
-            self.model = self.model.text_model
-        self.model.requires_grad_(False).eval()
+        model_type = transformers.AutoConfig.from_pretrained(name).model_type
+        cls = getattr(transformers, TEXT_ONLY.get(model_type, 'AutoModel'))
+        self.model = cls.from_pretrained(name).requires_grad_(False).eval()
         self.max_length, self.layer = max_length, layer
         cfg = self.model.config
-        self.dim = getattr(cfg, 'hidden_size', None) or getattr(cfg, 'd_model')
+        self.dim = getattr(cfg, 'hidden_size', None) or cfg.d_model
 
     @torch.no_grad()
     def forward(self, captions):
         tok = self.tokenizer(list(captions), padding='max_length', max_length=self.max_length, truncation=True,
                              return_tensors='pt').to(self.model.device)
-        out = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask, output_hidden_states=True)
-        return out.hidden_states[self.layer]  # (B, L, D)
+        out = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask,
+                         output_hidden_states=self.layer != -1)
+        return out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]  # (B, L, D)
 
 
 def load_text_encoder(name, max_length, layer=-1):

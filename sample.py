@@ -10,10 +10,11 @@ The grid has one row per prompt, in order, and --n columns, each cell at the mod
 """
 import argparse
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import flow
 from model import DiT, load_checkpoint, load_text_encoder, load_vae
@@ -34,17 +35,16 @@ def save_grid(images, rows, path):
 @torch.no_grad()
 def generate(model, text_encoder, vae, prompts, negative_prompt='', steps=28, cfg=4.0, sampler='euler', shift=1.0,
              seed=0, init=None, strength=1.0, progress=False):
-    """One image per prompt, (B, H, W, 3) uint8. init: optional (B, 3, H, W) pixels in [-1, 1] for image-to-image."""
+    """One image per prompt, (B, H, W, 3) uint8. init: optional (B, 3, H, W) pixels in [-1, 1] at the model's image
+    size, for image-to-image."""
     device = next(model.parameters()).device
-    g = model.grid * vae.factor
-    ctx = text_encoder(prompts).to(device)
-    uncond = text_encoder([negative_prompt] * len(prompts)).to(device)
+    ctx = text_encoder(prompts).to(device, torch.float32)
+    uncond = text_encoder([negative_prompt] * len(prompts)).to(device, torch.float32)
     noise = torch.randn(len(prompts), model.in_channels, model.grid, model.grid,
                         generator=torch.Generator().manual_seed(seed)).to(device)
     z = noise
     if init is not None:  # noise the given image to t = strength and integrate from there
-        z0 = vae.encode(torch.nn.functional.interpolate(init.to(device), size=(g, g), mode='bilinear'))
-        z = (1 - strength) * z0.float() + strength * noise
+        z = (1 - strength) * vae.encode(init.to(device)).float() + strength * noise
     v = flow.guided(model, ctx, uncond, cfg)
     z = flow.sample(v, z, steps, sampler, shift, t_start=strength if init is not None else 1.0, progress=progress)
     return to_uint8(vae.decode(z))
@@ -114,10 +114,13 @@ if __name__ == '__main__':
         p.error('give at least one --prompt or a --prompts_file')
     init = None
     if args.init_image:
-        img = np.asarray(Image.open(args.init_image).convert('RGB'), dtype=np.float32) / 127.5 - 1
+        size = model.grid * vae.factor
+        img = ImageOps.fit(Image.open(args.init_image).convert('RGB'), (size, size))  # center crop, resize
+        img = np.asarray(img, dtype=np.float32) / 127.5 - 1
         init = torch.from_numpy(img).permute(2, 0, 1)[None].expand(len(prompts) * args.n, -1, -1, -1)
     t0 = time.time()
-    images = generate(model, te, vae, [q for q in prompts for _ in range(args.n)], args.negative_prompt, args.steps,
-                      args.cfg, args.sampler, args.shift, args.seed, init, args.strength, progress=True)
+    with torch.autocast('cuda', torch.bfloat16) if args.device.startswith('cuda') else nullcontext():
+        images = generate(model, te, vae, [q for q in prompts for _ in range(args.n)], args.negative_prompt, args.steps,
+                          args.cfg, args.sampler, args.shift, args.seed, init, args.strength, progress=True)
     save_grid(images, len(prompts), args.out)
     print(f'wrote {args.out}: {len(prompts)} prompts x {args.n} samples in {time.time() - t0:.1f}s')

@@ -35,8 +35,21 @@ ckpt_interval = 500
 sample_interval = 500  # a PNG grid of sample_prompts from the EMA weights; 0 = never
 sample_prompts = 'large red circle in the center, blue background|small yellow triangle on the left, purple background|large white square at the bottom, black background|small green circle at the top, orange background'
 # ----- data
-dataset = 'shapes'
+dataset = 'shapes'  # 'shapes' (embedded, drawn on the fly) or 'laion' (URL shards written by prepare_laion.py)
 image_size = 32
+data_shards = 'laion-shards/shard_*.jsonl'  # laion: a glob of shards
+data_workers = 4  # laion: DataLoader worker processes per rank
+fetch_threads = 16  # laion: concurrent fetches per worker
+fetch_timeout = 10.0  # laion: seconds per image, all included (a slow drip is cut off)
+max_image_bytes = 16000000
+max_image_pixels = 50000000  # checked from the header before decoding: pixel bombs
+min_image_size = 64  # images whose shorter side is smaller are skipped
+random_crop = False  # else the center crop
+random_flip = False
+cache_dir = '/dev/shm/flowdit-cache'  # processed images in RAM, shared by the node's ranks, kept across restarts
+cache_gb = 16.0
+allow_private_urls = False  # refuse URLs resolving to private, loopback or link-local addresses
+honor_robots = True  # skip images served with X-Robots-Tag noai / noimageai
 # ----- model and encoders
 model = 'DiT-Ti/4'  # a preset of model.PRESETS
 attn_impl = 'sdpa'  # 'sdpa' or 'manual': the same numbers
@@ -135,8 +148,9 @@ def log(msg):
 
 
 # ----- encoders, model, optimiser, EMA
-text_enc = load_text_encoder(text_encoder, text_max_length, text_layer).to(device)
-vae_model = load_vae(vae, vae_subfolder).to(device)
+frozen_dtype = torch.float32 if dtype == 'float32' else getattr(torch, dtype)  # frozen encoders: no fp32 masters
+text_enc = load_text_encoder(text_encoder, text_max_length, text_layer).to(device, frozen_dtype)
+vae_model = load_vae(vae, vae_subfolder).to(device, frozen_dtype)
 if image_size % vae_model.factor:
     sys.exit(f'config error: image_size {image_size} is not a multiple of the VAE downsampling {vae_model.factor}')
 grid = image_size // vae_model.factor
@@ -144,7 +158,17 @@ raw_model = DiT(model, vae_model.channels, text_enc.dim, grid, attn_impl).to(dev
 ema = deepcopy(raw_model).requires_grad_(False)  # synced with the model now and on resume
 optimizer = torch.optim.AdamW(raw_model.parameters(), lr=learning_rate, betas=(beta1, beta2),
                               weight_decay=weight_decay, fused=device_type == 'cuda')
-stream = data.ShapesStream(batch_size, image_size, seed, rank)
+if dataset == 'shapes':
+    stream = data.ShapesStream(batch_size, image_size, seed, rank)
+elif dataset == 'laion':
+    stream = data.LaionStream(
+        data_shards, batch_size, image_size, seed, rank, world, data_workers, pin_memory=device_type == 'cuda',
+        fetch_threads=fetch_threads, fetch_timeout=fetch_timeout, max_image_bytes=max_image_bytes,
+        max_image_pixels=max_image_pixels, min_image_size=min_image_size, random_crop=random_crop,
+        random_flip=random_flip, cache_dir=cache_dir, cache_bytes=int(cache_gb * 2 ** 30),
+        allow_private_urls=allow_private_urls, honor_robots=honor_robots)
+else:
+    sys.exit(f"config error: dataset must be 'shapes' or 'laion', got {dataset!r}")
 step = 0
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'resume':
@@ -152,7 +176,10 @@ if init_from == 'resume':
     raw_model.load_state_dict(ckpt['model'])
     ema.load_state_dict(ckpt['ema'])
     optimizer.load_state_dict(ckpt['optimizer'])
-    stream.load_state_dict(ckpt['data'][rank] if rank < len(ckpt['data']) else ckpt['data'][0])
+    if len(ckpt['data']) == world:
+        stream.load_state_dict(ckpt['data'][rank])
+    else:
+        log(f"warning: the checkpoint has {len(ckpt['data'])} ranks' data positions, this run {world}: streams restart")
     step = ckpt['step']
     log(f'resumed from {ckpt_path} at step {step}')
 elif init_from != 'scratch':
@@ -189,8 +216,9 @@ def save_checkpoint():
 
 def write_samples():
     prompts = sample_prompts.split('|')
-    images = generate(ema, text_enc, vae_model, [p for p in prompts for _ in range(4)], steps=sample_steps,
-                      cfg=sample_cfg, seed=seed)
+    with autocast:
+        images = generate(ema, text_enc, vae_model, [p for p in prompts for _ in range(4)], steps=sample_steps,
+                          cfg=sample_cfg, seed=seed)
     if master:
         save_grid(images, len(prompts), os.path.join(out_dir, f'samples_{step:06d}.png'))
 
@@ -201,13 +229,14 @@ n_bins = 4
 loss_sum = torch.zeros((), device=device)
 bin_sum, bin_count = torch.zeros(n_bins, device=device), torch.zeros(n_bins, device=device)
 t_begin, t_last, step_start, images_seen = time.time(), time.time(), step, 0
+last_counts = 0
 while step < max_iters:
     images, captions = next(stream)
     gen = torch.Generator(device).manual_seed(seed + 1_000_003 * rank + 7_919 * step)
     x = images.to(device, non_blocking=True).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
     with torch.no_grad(), autocast:
         z0 = vae_model.encode(x).float()  # (B, C, grid, grid)
-        ctx = text_enc(captions)
+        ctx = text_enc(captions).to(device)
     drop = torch.rand(len(captions), generator=gen, device=device) < cond_drop
     ctx = torch.where(drop[:, None, None], uncond, ctx)
     t = flow.sample_t(len(captions), t_sampling, t_mean, t_std, gen, device)
@@ -244,8 +273,18 @@ while step < max_iters:
             f'{rate:.1f} img/s | eta {eta / 60:.1f} min')
         if step % (10 * log_interval) == 0 or step == max_iters:
             bins = stats[1:1 + n_bins] / stats[1 + n_bins:].clamp(min=1)
-            log('  loss by t: ' + ' '.join(f'[{i / n_bins:.2f},{(i + 1) / n_bins:.2f}) {v:.4f}' for i, v in enumerate(bins.tolist())))
+            log('  loss by t: ' + ' '.join(f'[{i / n_bins:.2f},{(i + 1) / n_bins:.2f}) ' + (f'{v:.4f}' if n else '-')
+                                          for i, (v, n) in enumerate(zip(bins.tolist(), stats[1 + n_bins:].tolist()))))
             bin_sum.zero_(), bin_count.zero_()
+        if dataset == 'laion':  # stream health over the interval, summed over ranks
+            counts = torch.tensor(stream.counters(), dtype=torch.float64, device=device)
+            if ddp:
+                dist.all_reduce(counts)
+            new, last_counts = counts - last_counts, counts
+            served, fails = new[0].item(), {r: int(n) for r, n in zip(data.REASONS, new[2:].tolist()) if n}
+            tried = served + sum(fails.values())
+            log(f'  data: {served:.0f} served | cache hits {new[1].item() / max(served, 1):.0%} | failed '
+                f"{sum(fails.values()) / max(tried, 1):.0%} ({', '.join(f'{r} {n}' for r, n in fails.items()) or 'none'})")
         loss_sum.zero_()
         t_last, images_seen = time.time(), 0
     if step % ckpt_interval == 0 or step == max_iters:
