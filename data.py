@@ -1,12 +1,28 @@
 """
-Data for flowdit. Every stream yields (images, captions): uint8 (B, 3, H, W) and a list of B strings, and has
-state_dict() / load_state_dict() so a checkpoint can resume it exactly.
-
-1. shapes: the embedded dataset, drawn on the fly, deterministic given (seed, rank, step); its evaluator.
-2. laion: a URL shard streamer with a RAM cache (below).
+Data for flowdit: 1. shapes, the embedded dataset, drawn on the fly, and its evaluator; 2. laion, a URL shard
+streamer with a RAM cache. A stream's next() gives (images, captions): uint8 (B, 3, H, W) and a list of B strings;
+its state_dict() / load_state_dict() let a checkpoint resume it exactly.
 """
+import concurrent.futures
+import glob
+import hashlib
+import io
+import ipaddress
+import json
+import os
+import re
+import socket
+import tempfile
+import time
+import urllib.parse
+
 import numpy as np
+import requests
 import torch
+import urllib3
+from PIL import Image, ImageOps
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 # ----------------------------------------------------------------------------------------------------------------
 # The shapes dataset. This spec is a public contract (README.md): users type prompts from it.
@@ -18,10 +34,7 @@ SIZES = {'small': (0.12, 0.16), 'large': (0.24, 0.30)}  # radius r as a fraction
 POSITIONS = {'in the center': (0.5, 0.5), 'on the left': (0.28, 0.5), 'on the right': (0.72, 0.5),
              'at the top': (0.5, 0.28), 'at the bottom': (0.5, 0.72)}  # shape centre (x, y) as fractions
 JITTER = 0.04
-
-
-def caption(size, color, shape, position, background):
-    return f'{size} {color} {shape} {position}, {background} background'
+CAPTION = '{size} {color} {shape} {position}, {background} background'
 
 
 def draw(shape, color, background, r, cx, cy, image_size):
@@ -33,10 +46,7 @@ def draw(shape, color, background, r, cx, cy, image_size):
         mask = (np.abs(x - cx) <= r) & (np.abs(y - cy) <= r)
     else:  # isosceles, apex up at cy - r, base of width 2r at cy + r: half-width grows by 1/2 per row down
         mask = (y >= cy - r) & (y <= cy + r) & (np.abs(x - cx) <= (y - (cy - r)) / 2)
-    img = np.empty((image_size, image_size, 3), dtype=np.uint8)
-    img[:] = PALETTE[background]
-    img[mask] = PALETTE[color]
-    return img
+    return np.where(mask[..., None], np.uint8(PALETTE[color]), np.uint8(PALETTE[background]))
 
 
 def random_scene(rng, image_size):
@@ -47,23 +57,22 @@ def random_scene(rng, image_size):
     r = rng.uniform(*SIZES[attrs['size']]) * image_size
     fx, fy = np.array(POSITIONS[attrs['position']]) + rng.uniform(-JITTER, JITTER, size=2)
     img = draw(attrs['shape'], attrs['color'], attrs['background'], r, fx * image_size, fy * image_size, image_size)
-    return img, caption(**attrs), attrs
+    return img, CAPTION.format(**attrs), attrs
 
 
 class ShapesStream:
     """Infinite; batch number `step` of rank `rank` is a pure function of (seed, rank, step)."""
 
-    def __init__(self, batch_size, image_size, seed, rank):
+    def __init__(self, batch_size, image_size, seed, rank, pin_memory=False):
         self.batch_size, self.image_size, self.seed, self.rank, self.step = batch_size, image_size, seed, rank, 0
-
-    def __iter__(self):
-        return self
+        self.pin_memory = pin_memory  # pinned host memory: the copy to the GPU overlaps with compute
 
     def __next__(self):
         rng = np.random.default_rng([self.seed, self.rank, self.step])
         images, captions = zip(*(random_scene(rng, self.image_size)[:2] for _ in range(self.batch_size)))
         self.step += 1
-        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), list(captions)
+        images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+        return (images.pin_memory() if self.pin_memory else images), list(captions)
 
     def state_dict(self):
         return {'step': self.step}
@@ -105,12 +114,9 @@ def judge(img):
 
 def adherence(images, scenes):
     """Fraction of images whose read-back attribute matches the prompt's, per attribute."""
-    hits = {k: 0 for k in ('color', 'background', 'shape', 'position', 'size')}
-    for img, scene in zip(images, scenes):
-        seen = judge(img)
-        for k in hits:
-            hits[k] += seen.get(k) == scene[k]
-    return {k: v / len(scenes) for k, v in hits.items()}
+    seen = [judge(img) for img in images]
+    return {k: np.mean([s.get(k) == scene[k] for s, scene in zip(seen, scenes)])
+            for k in ('color', 'background', 'shape', 'position', 'size')}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,35 +124,14 @@ def adherence(images, scenes):
 # from their URLs during training. Real LAION is hostile (dead links, hangs, HTML named .jpg, pixel bombs), so every
 # fetch has a total deadline and a byte cap, and a failure is counted under its reason and skipped.
 
-import concurrent.futures
-import glob
-import hashlib
-import io
-import ipaddress
-import json
-import os
-import socket
-import time
-import urllib.parse
-
-import requests
-import urllib3
-from PIL import Image, ImageOps
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
-
 REASONS = ('bad_url', 'private_address', 'http_error', 'connection', 'timeout', 'too_large', 'redirect_loop',
            'robots_noai', 'not_an_image', 'pixel_bomb', 'too_small')
+COUNTERS = ('served', 'cache_hits') + REASONS  # each worker's, in this order
 Image.MAX_IMAGE_PIXELS = None  # the pixel limit is ours, checked from the header before any decoding
 
 
-class Skip(Exception):
-    """An image that cannot be used; args[0] is one of REASONS."""
-
-
-def read_shard(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
+class Skip(Exception):  # an image that cannot be used; args[0] is one of REASONS
+    pass
 
 
 def fetch(session, url, deadline, max_bytes, allow_private, honor_robots, max_redirects=5):
@@ -178,24 +163,24 @@ def fetch(session, url, deadline, max_bytes, allow_private, honor_robots, max_re
                 continue
             if r.status_code != 200:
                 raise Skip('http_error')
-            if honor_robots and {'noai', 'noimageai'} & set(r.headers.get('x-robots-tag', '').lower().replace(',', ' ').replace(':', ' ').split()):
+            robots = re.split(r'[\s,:]+', r.headers.get('x-robots-tag', '').lower())  # 'noai', 'googlebot: noai'
+            if honor_robots and {'noai', 'noimageai'} & set(robots):
                 raise Skip('robots_noai')
             if int(r.headers.get('content-length') or 0) > max_bytes:
                 raise Skip('too_large')
             body = bytearray()
             try:
-                while True:
+                while len(body) <= max_bytes:
                     left = end - time.monotonic()
                     if left <= 0:
                         raise Skip('timeout')
-                    if r.raw.connection is not None and r.raw.connection.sock is not None:
+                    if r.raw.connection and r.raw.connection.sock:
                         r.raw.connection.sock.settimeout(left)  # no single read outlives the deadline
                     chunk = r.raw.read1(65536)
                     if not chunk:
                         return bytes(body)
                     body += chunk
-                    if len(body) > max_bytes:
-                        raise Skip('too_large')
+                raise Skip('too_large')
             except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
                 raise Skip('timeout')
             except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError):
@@ -219,10 +204,13 @@ def decode(content, size, max_pixels, min_size):
     """Raw bytes -> RGB image whose shorter side is `size`, or Skip(reason)."""
     try:
         im = Image.open(io.BytesIO(content))  # reads the header only
-        if im.width * im.height > max_pixels:
-            raise Skip('pixel_bomb')
-        if min(im.size) < min_size:
-            raise Skip('too_small')
+    except Exception:  # HTML served as image/jpeg, unknown formats
+        raise Skip('not_an_image')
+    if im.width * im.height > max_pixels:
+        raise Skip('pixel_bomb')
+    if min(im.size) < min_size:
+        raise Skip('too_small')
+    try:
         im.draft('RGB', (size, size))  # JPEG: decode at a power-of-two reduction no smaller than needed
         im = ImageOps.exif_transpose(im)
         if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):  # 16-bit grayscale: keep the high byte
@@ -231,9 +219,7 @@ def decode(content, size, max_pixels, min_size):
             im = im.convert('RGBA')  # matte alpha onto white
             im = Image.alpha_composite(Image.new('RGBA', im.size, (255, 255, 255, 255)), im)
         im = im.convert('RGB')  # CMYK, palette, grayscale
-    except Skip:
-        raise
-    except Exception:  # HTML served as image/jpeg, truncated files, unknown formats
+    except Exception:  # truncated or corrupt data
         raise Skip('not_an_image')
     scale = size / min(im.size)
     return im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.BICUBIC,
@@ -252,7 +238,7 @@ class Cache:
         used = sum(e.stat().st_size for e in os.scandir(folder) if e.is_file())
         self.budget = max(0, max_bytes - used) // writers
 
-    def path(self, key):
+    def path(self, key):  # keys are URLs: hashed into file names
         return os.path.join(self.folder, hashlib.sha1(key.encode()).hexdigest())
 
     def get(self, key):
@@ -275,8 +261,8 @@ class Cache:
         if len(blob) > self.budget:
             return
         self.budget -= len(blob)
-        tmp = f'{self.path(key)}.{os.getpid()}.tmp'
-        with open(tmp, 'wb') as f:
+        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix='.tmp')  # unique: threads may write the same key
+        with os.fdopen(fd, 'wb') as f:
             f.write(blob)
         os.replace(tmp, self.path(key))  # readers never see half a file
 
@@ -284,11 +270,10 @@ class Cache:
 class LaionShards(torch.utils.data.IterableDataset):
     """Runs in each DataLoader worker: its share of the shards, fetched by a pool of threads, yielded as batches
     (images, captions, worker, position, stats). Shards are split over ranks x workers afresh each epoch (a seeded
-    shuffle), disjoint and together complete, and the stream never ends, so no rank runs dry.
-
-    A worker's position is (epoch, shard, below, done): every row before `below` of its current shard and the rows
-    in `done` are finished (served or failed). Images are served as they arrive, out of order; the position sent with
-    a batch covers exactly the rows finished by then, so resuming from it serves no image twice and skips none."""
+    shuffle), disjoint and together complete; the stream never ends, so no rank runs dry. A worker's position is
+    (epoch, below, done): of its rows of that epoch, those before `below` and those in `done` are finished (served or
+    failed). Images are served as they arrive, out of order, and the position sent with a batch covers exactly the
+    rows finished by then, so resuming from it serves no image twice and skips none."""
 
     def __init__(self, shards, batch_size, image_size, seed, rank, world, workers, o):
         super().__init__()
@@ -305,10 +290,9 @@ class LaionShards(torch.utils.data.IterableDataset):
 
     def load(self, row, key, rng):
         """The square uint8 (3, S, S) crop of one row, through the cache; Skip on failure."""
-        img = self.cache.get(key)
+        img, o = self.cache.get(key), self.o
         cached = img is not None
         if not cached:
-            o = self.o
             try:
                 content = fetch(self.session, row['url'], o['fetch_timeout'], o['max_image_bytes'],
                                 o['allow_private_urls'], o['honor_robots'])
@@ -318,66 +302,68 @@ class LaionShards(torch.utils.data.IterableDataset):
                 raise
             self.cache.put(key, img)
         h, w = img.shape[:2]
-        y, x = ((rng.integers(0, h - self.size + 1), rng.integers(0, w - self.size + 1)) if self.o['random_crop']
+        y, x = ((rng.integers(0, h - self.size + 1), rng.integers(0, w - self.size + 1)) if o['random_crop']
                 else ((h - self.size) // 2, (w - self.size) // 2))
         img = img[y:y + self.size, x:x + self.size]
-        if self.o['random_flip'] and rng.random() < 0.5:
+        if o['random_flip'] and rng.random() < 0.5:
             img = img[:, ::-1]
         return cached, torch.from_numpy(img.copy()).permute(2, 0, 1)  # a cached array is read-only
 
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        w = info.id if info else 0
-        g = self.rank * self.workers + w
-        self.cache = Cache(self.o['cache_dir'], self.o['cache_bytes'],
-                           int(os.environ.get('LOCAL_WORLD_SIZE', 1)) * self.workers)
+        w = getattr(torch.utils.data.get_worker_info(), 'id', 0)
+        g = self.rank * self.workers + w  # this worker among all ranks' workers
+        writers = int(os.environ.get('LOCAL_WORLD_SIZE', 1)) * self.workers  # this node's
+        self.cache = Cache(self.o['cache_dir'], self.o['cache_bytes'], writers)
         self.session = session(self.o['fetch_threads'])
-        stats = {k: 0 for k in ('served', 'cache_hits') + REASONS}
-        epoch, shard, below, done = self.positions.get(w, (0, 0, 0, []))
+        stats, (epoch, below, done) = dict.fromkeys(COUNTERS, 0), self.positions.get(w, (0, 0, []))
         done = set(done)
         pool = concurrent.futures.ThreadPoolExecutor(self.o['fetch_threads'])
         images, captions = [], []
         while True:
             served_before = stats['served']
-            mine = self.my_shards(epoch, g)
-            for s in range(shard, len(mine)):
-                rows, sid = read_shard(mine[s]), self.shards.index(mine[s])
-                order = np.random.default_rng([self.seed, epoch, sid]).permutation(len(rows))
-                todo = (i for i in range(below, len(rows)) if i not in done)
-                running = {}
-                while True:
-                    for i in todo:  # keep the pool busy
-                        row = rows[order[i]]
-                        rng = np.random.default_rng([self.seed, epoch, sid, i])
-                        running[pool.submit(self.load, row, f"{row['url']}|{self.size}", rng)] = (i, row['caption'])
-                        if len(running) >= 2 * self.o['fetch_threads']:
-                            break
-                    if not running:
+            todo = ((k, row, rng) for k, row, rng in self.rows(epoch, g) if k >= below and k not in done)
+            running = {}
+            while True:
+                for k, row, rng in todo:  # keep the pool busy
+                    running[pool.submit(self.load, row, f"{row['url']}|{self.size}", rng)] = (k, row['caption'])
+                    if len(running) >= 2 * self.o['fetch_threads']:
                         break
-                    finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-                    for fut in finished:
-                        i, caption = running.pop(fut)
-                        done.add(i)
-                        try:
-                            cached, img = fut.result()
-                        except Skip as e:
-                            stats[e.args[0]] += 1
-                            continue
-                        stats['served'] += 1
-                        stats['cache_hits'] += cached
-                        images.append(img)
-                        captions.append(caption)
-                        if len(images) == self.batch_size:  # yield now: the position covers served rows only
-                            while below in done:  # rows before `below` are implied done
-                                done.discard(below)
-                                below += 1
-                            yield torch.stack(images), captions, w, (epoch, s, below, sorted(done)), dict(stats)
-                            images, captions = [], []
-                below, done = 0, set()
+                if not running:
+                    break
+                finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for fut in finished:
+                    k, caption = running.pop(fut)
+                    done.add(k)
+                    try:
+                        cached, img = fut.result()
+                    except Skip as e:
+                        stats[e.args[0]] += 1
+                        continue
+                    stats['served'] += 1
+                    stats['cache_hits'] += cached
+                    images.append(img)
+                    captions.append(caption)
+                    if len(images) == self.batch_size:  # yield now: the position covers served rows only
+                        while below in done:  # rows before `below` are implied done
+                            done.discard(below)
+                            below += 1
+                        yield torch.stack(images), captions, w, (epoch, below, sorted(done)), dict(stats)
+                        images, captions = [], []
             if stats['served'] == served_before:
-                raise RuntimeError(f'data worker {g}: a whole epoch of {len(mine)} shard(s) gave no usable image; '
-                                   f'counts so far: {stats}')
-            epoch, shard = epoch + 1, 0
+                raise RuntimeError(f'data worker {g}: a whole epoch of {len(self.my_shards(epoch, g))} shard(s) '
+                                   f'gave no usable image; counts so far: {stats}')
+            epoch, below, done = epoch + 1, 0, set()
+
+    def rows(self, epoch, g):
+        """(k, row, rng) for this worker's rows of an epoch, numbered across its shards (read as reached), so a
+        shard's slow stragglers never hold up the next one; each row shuffled within its shard, with its own rng."""
+        k = 0
+        for path in self.my_shards(epoch, g):
+            with open(path) as f:
+                rows, sid = [json.loads(line) for line in f], self.shards.index(path)
+            for i in np.random.default_rng([self.seed, epoch, sid]).permutation(len(rows)):
+                yield k, rows[i], np.random.default_rng([self.seed, epoch, sid, int(i)])
+                k += 1
 
 
 class LaionStream:
@@ -388,11 +374,7 @@ class LaionStream:
         if not shards:
             raise SystemExit(f'error: no shards match {pattern!r}: write them with prepare_laion.py')
         self.dataset = LaionShards(shards, batch_size, image_size, seed, rank, world, workers, options)
-        self.workers, self.pin_memory, self.loader = workers, pin_memory, None
-        self.stats = {}  # worker -> its counters
-
-    def __iter__(self):
-        return self
+        self.workers, self.pin_memory, self.loader, self.stats = workers, pin_memory, None, {}  # stats: per worker
 
     def __next__(self):
         if self.loader is None:
@@ -412,6 +394,5 @@ class LaionStream:
         self.dataset.positions = {int(w): tuple(p) for w, p in state['positions'].items()}
 
     def counters(self):
-        """Totals over this rank's workers, in a fixed order: served, cache_hits, then REASONS."""
-        keys = ('served', 'cache_hits') + REASONS
-        return [sum(s[k] for s in self.stats.values()) for k in keys]
+        """COUNTERS summed over this rank's workers."""
+        return [sum(s[k] for s in self.stats.values()) for k in COUNTERS]

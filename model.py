@@ -23,6 +23,25 @@ _SIZES = {'Ti': (6, 192, 3), 'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 10
 PRESETS = {f'DiT-{name}/{p}': (d, w, h, p) for name, (d, w, h) in _SIZES.items() for p in (2, 4, 8)}
 
 
+# dense bf16 tensor-core peaks, for MFU
+PEAK_BF16_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}
+
+
+def peak_flops(device):
+    """The GPU's dense bf16 peak in FLOP/s, or None where it is not in the table (and on CPU)."""
+    if not str(device).startswith('cuda'):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def to_device(x, device):
+    """Host to GPU without stalling: a copy from pageable memory would first wait for all queued GPU work."""
+    if x.device.type == 'cpu' and torch.device(device).type == 'cuda':
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
 def attention(q, k, v, impl):
     # q, k, v: (B, H, T, hd). 'manual' spells out what the fused kernel of 'sdpa' computes.
     if impl == 'sdpa':
@@ -71,7 +90,8 @@ class Stream(nn.Module):
         B, T, D = x.shape
         qkv = self.qkv(modulate(self.norm1(x), mod[0], mod[1]))  # (B, T, 3D)
         q, k, v = qkv.view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
-        return self.q_norm(q), self.k_norm(k), v, mod[2:]
+        # the norms in fp32 (autocast would hand them bf16 inputs and fp32 weights: an unfused slow path)
+        return self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v), v, mod[2:]
 
     def post_attention(self, x, o, mod):
         # o: (B, T, D) attention output for this stream's tokens
@@ -234,8 +254,9 @@ class HFTextEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, captions):
         tok = self.tokenizer(list(captions), padding='max_length', max_length=self.max_length, truncation=True,
-                             return_tensors='pt').to(self.model.device)
-        out = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask,
+                             return_tensors='pt')
+        out = self.model(input_ids=to_device(tok.input_ids, self.model.device),
+                         attention_mask=to_device(tok.attention_mask, self.model.device),
                          output_hidden_states=self.layer != -1)
         return out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]  # (B, L, D)
 

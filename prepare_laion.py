@@ -42,7 +42,8 @@ def input_files(spec, max_files):
     else:  # a hub dataset id
         from huggingface_hub import hf_hub_download, list_repo_files
         names = sorted(f for f in list_repo_files(spec, repo_type='dataset') if f.endswith('.parquet'))
-        files = [hf_hub_download(spec, f, repo_type='dataset') for f in tqdm(names[:max_files or None], desc='download')]
+        names = names[:max_files or None]
+        files = [hf_hub_download(spec, f, repo_type='dataset') for f in tqdm(names, desc='download')]
     if not files:
         raise SystemExit(f'error: no parquet files in {spec!r}')
     return files[:max_files or None]

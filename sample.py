@@ -1,7 +1,8 @@
 """
 Generate images from a flowdit checkpoint (the EMA weights).
 
-    python sample.py --prompt "large red circle in the center, blue background" --prompt "small white square at the top, black background" --n 4
+    python sample.py --prompt "large red circle in the center, blue background" \
+                     --prompt "small white square at the top, black background" --n 4
     python sample.py --prompts_file prompts.txt --cfg 4 --steps 28 --sampler heun --out grid.png
     python sample.py --prompt "..." --init_image photo.png --strength 0.6      # image-to-image
     python sample.py --eval                                                    # shapes: prompt adherence
@@ -71,7 +72,7 @@ def evaluate(model, te, vae, args):
     scenes = data.all_scenes()[::args.eval_stride]
     images = []
     for i in range(0, len(scenes), 256):
-        prompts = [data.caption(**s) for s in scenes[i:i + 256]]
+        prompts = [data.CAPTION.format(**s) for s in scenes[i:i + 256]]
         images.append(generate(model, te, vae, prompts, args.negative_prompt, args.steps, args.cfg, args.sampler,
                                args.shift, args.seed + i))
         print(f'sampled {i + len(prompts)}/{len(scenes)}', flush=True)

@@ -7,7 +7,8 @@ One process (CPU or one GPU):
 One node, 8 GPUs:
     torchrun --standalone --nproc_per_node=8 train.py config/laion_b2.py
 Several nodes (run on each, node_rank 0..N-1):
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 train.py config/laion_b2.py
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
+        train.py config/laion_b2.py
 Resume where the last checkpoint stopped: add --init_from=resume.
 """
 import ast
@@ -20,11 +21,14 @@ from copy import deepcopy
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import flow
-from model import DiT, load_checkpoint, load_text_encoder, load_vae
+from model import DiT, load_checkpoint, load_text_encoder, load_vae, peak_flops, to_device
 from sample import generate, save_grid
 
 # ----- I/O
@@ -33,7 +37,8 @@ init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 log_interval = 10
 ckpt_interval = 500
 sample_interval = 500  # a PNG grid of sample_prompts from the EMA weights; 0 = never
-sample_prompts = 'large red circle in the center, blue background|small yellow triangle on the left, purple background|large white square at the bottom, black background|small green circle at the top, orange background'
+sample_prompts = ('large red circle in the center, blue background|small yellow triangle on the left, purple background'
+                  '|large white square at the bottom, black background|small green circle at the top, orange background')
 # ----- data
 dataset = 'shapes'  # 'shapes' (embedded, drawn on the fly) or 'laion' (URL shards written by prepare_laion.py)
 image_size = 32
@@ -53,6 +58,8 @@ honor_robots = True  # skip images served with X-Robots-Tag noai / noimageai
 # ----- model and encoders
 model = 'DiT-Ti/4'  # a preset of model.PRESETS
 attn_impl = 'sdpa'  # 'sdpa' or 'manual': the same numbers
+grad_checkpointing = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
+fsdp = False  # under torchrun: shard weights, grads and optimizer state (FSDP2) instead of replicating them (DDP)
 text_encoder = 'hash'  # 'hash' (weight-free, offline) or a transformers model id / path
 text_max_length = 12
 text_layer = -1  # which hidden state of the text encoder (-1: the last)
@@ -154,12 +161,9 @@ vae_model = load_vae(vae, vae_subfolder).to(device, frozen_dtype)
 if image_size % vae_model.factor:
     sys.exit(f'config error: image_size {image_size} is not a multiple of the VAE downsampling {vae_model.factor}')
 grid = image_size // vae_model.factor
-raw_model = DiT(model, vae_model.channels, text_enc.dim, grid, attn_impl).to(device)
-ema = deepcopy(raw_model).requires_grad_(False)  # synced with the model now and on resume
-optimizer = torch.optim.AdamW(raw_model.parameters(), lr=learning_rate, betas=(beta1, beta2),
-                              weight_decay=weight_decay, fused=device_type == 'cuda')
+raw_model = DiT(model, vae_model.channels, text_enc.dim, grid, attn_impl, grad_checkpointing).to(device)
 if dataset == 'shapes':
-    stream = data.ShapesStream(batch_size, image_size, seed, rank)
+    stream = data.ShapesStream(batch_size, image_size, seed, rank, pin_memory=device_type == 'cuda')
 elif dataset == 'laion':
     stream = data.LaionStream(
         data_shards, batch_size, image_size, seed, rank, world, data_workers, pin_memory=device_type == 'cuda',
@@ -174,20 +178,34 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'resume':
     ckpt = load_checkpoint(ckpt_path)
     raw_model.load_state_dict(ckpt['model'])
-    ema.load_state_dict(ckpt['ema'])
-    optimizer.load_state_dict(ckpt['optimizer'])
+    step = ckpt['step']
     if len(ckpt['data']) == world:
         stream.load_state_dict(ckpt['data'][rank])
     else:
         log(f"warning: the checkpoint has {len(ckpt['data'])} ranks' data positions, this run {world}: streams restart")
-    step = ckpt['step']
-    log(f'resumed from {ckpt_path} at step {step}')
 elif init_from != 'scratch':
     sys.exit(f"config error: init_from must be 'scratch' or 'resume', got {init_from!r}")
+ema = deepcopy(raw_model).requires_grad_(False)  # synced with the model, from scratch and on resume
+if init_from == 'resume':
+    ema.load_state_dict(ckpt['ema'])
+if fsdp and ddp:  # each block is a unit: its full weights exist only while it runs
+    for module in (raw_model, ema):
+        for block in module.blocks:
+            fully_shard(block)
+        fully_shard(module)
+optimizer = torch.optim.AdamW(raw_model.parameters(), lr=learning_rate, betas=(beta1, beta2),
+                              weight_decay=weight_decay, fused=device_type == 'cuda')
+full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # one plain format, sharded or not
+if init_from == 'resume':
+    set_optimizer_state_dict(raw_model, optimizer, ckpt['optimizer'], options=full)
+    log(f'resumed from {ckpt_path} at step {step}')
+    del ckpt
 log(f'{model}: {raw_model.num_params() / 1e6:.2f}M parameters, {grid}x{grid}x{vae_model.channels} latents, '
-    f'{world} process(es), global batch {batch_size * world}')
+    f"{world} process(es){' sharded (FSDP)' if fsdp and ddp else ''}, global batch {batch_size * world}")
+flops_per_image = raw_model.flops_per_image(text_max_length)
+peak = peak_flops(device)  # FLOP/s of one GPU; None where it is not known
 net = torch.compile(raw_model) if compile else raw_model
-net = DDP(net, device_ids=[device] if device_type == 'cuda' else None) if ddp else net
+net = DDP(net, device_ids=[device] if device_type == 'cuda' else None) if ddp and not fsdp else net
 with torch.no_grad():
     uncond = text_enc(['']).to(device)  # (1, L, D): the unconditional caption
 
@@ -206,10 +224,12 @@ def save_checkpoint():
     if ddp:  # every rank's stream position, so each rank resumes its own stream
         states = [None] * world
         dist.all_gather_object(states, stream.state_dict())
+    # every rank takes part: under FSDP gathering the full state dicts is collective
+    ckpt = dict(model=get_model_state_dict(raw_model, options=full), ema=get_model_state_dict(ema, options=full),
+                optimizer=get_optimizer_state_dict(raw_model, optimizer, options=full), step=step, config=config,
+                data=states, in_channels=vae_model.channels, caption_dim=text_enc.dim, grid=grid)
     if master:
         os.makedirs(out_dir, exist_ok=True)
-        ckpt = dict(model=raw_model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                    config=config, data=states, in_channels=vae_model.channels, caption_dim=text_enc.dim, grid=grid)
         torch.save(ckpt, ckpt_path + '.tmp')
         os.replace(ckpt_path + '.tmp', ckpt_path)  # atomic: a crash mid-write leaves the last checkpoint intact
 
@@ -236,7 +256,7 @@ while step < max_iters:
     x = images.to(device, non_blocking=True).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
     with torch.no_grad(), autocast:
         z0 = vae_model.encode(x).float()  # (B, C, grid, grid)
-        ctx = text_enc(captions).to(device)
+        ctx = to_device(text_enc(captions), device)  # (B, L, D)
     drop = torch.rand(len(captions), generator=gen, device=device) < cond_drop
     ctx = torch.where(drop[:, None, None], uncond, ctx)
     t = flow.sample_t(len(captions), t_sampling, t_mean, t_std, gen, device)
@@ -269,12 +289,13 @@ while step < max_iters:
         dt = time.time() - t_last
         rate = images_seen / dt
         eta = (max_iters - step) * (time.time() - t_begin) / (step - step_start)
+        mfu = f'{flops_per_image * rate / (peak * world):.1%}' if peak else 'n/a'
         log(f'step {step} | loss {stats[0].item() / world / n_steps:.4f} | lr {lr_at(step - 1):.2e} | '
-            f'{rate:.1f} img/s | eta {eta / 60:.1f} min')
+            f'{rate:.1f} img/s | mfu {mfu} | eta {eta / 60:.1f} min')
         if step % (10 * log_interval) == 0 or step == max_iters:
-            bins = stats[1:1 + n_bins] / stats[1 + n_bins:].clamp(min=1)
-            log('  loss by t: ' + ' '.join(f'[{i / n_bins:.2f},{(i + 1) / n_bins:.2f}) ' + (f'{v:.4f}' if n else '-')
-                                          for i, (v, n) in enumerate(zip(bins.tolist(), stats[1 + n_bins:].tolist()))))
+            sums, counts = stats[1:1 + n_bins].tolist(), stats[1 + n_bins:].tolist()
+            cells = [f'{v / n:.4f}' if n else '-' for v, n in zip(sums, counts)]
+            log('  loss by t: ' + ' '.join(f'[{i / n_bins:.2f},{(i + 1) / n_bins:.2f}) {c}' for i, c in enumerate(cells)))
             bin_sum.zero_(), bin_count.zero_()
         if dataset == 'laion':  # stream health over the interval, summed over ranks
             counts = torch.tensor(stream.counters(), dtype=torch.float64, device=device)
@@ -282,9 +303,9 @@ while step < max_iters:
                 dist.all_reduce(counts)
             new, last_counts = counts - last_counts, counts
             served, fails = new[0].item(), {r: int(n) for r, n in zip(data.REASONS, new[2:].tolist()) if n}
-            tried = served + sum(fails.values())
+            failed = sum(fails.values())
             log(f'  data: {served:.0f} served | cache hits {new[1].item() / max(served, 1):.0%} | failed '
-                f"{sum(fails.values()) / max(tried, 1):.0%} ({', '.join(f'{r} {n}' for r, n in fails.items()) or 'none'})")
+                f"{failed / max(served + failed, 1):.0%} ({', '.join(f'{r} {n}' for r, n in fails.items()) or 'none'})")
         loss_sum.zero_()
         t_last, images_seen = time.time(), 0
     if step % ckpt_interval == 0 or step == max_iters:

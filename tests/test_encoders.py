@@ -22,7 +22,7 @@ def hub(tmp_path_factory):
                               T5EncoderModel)
     root = tmp_path_factory.mktemp('hub')
     words = ['[PAD]', '[UNK]', '[BOS]', '[EOS]'] + sorted({w for s in data.all_scenes()
-                                                          for w in data.caption(**s).replace(',', '').split()})
+                                                          for w in data.CAPTION.format(**s).replace(',', '').split()})
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token='[UNK]'))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token='[PAD]', unk_token='[UNK]', bos_token='[BOS]',

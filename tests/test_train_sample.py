@@ -100,8 +100,9 @@ def test_config_file_and_overrides(tmp_path):
     assert p.returncode == 0
 
 
-def test_every_shipped_config_parses(tmp_path):
+def test_every_shipped_config_is_valid(tmp_path):
+    # each file is applied and checked key by key; the overrides after it keep the run offline and instant
     for name in sorted(os.listdir(os.path.join(os.path.dirname(__file__), '..', 'config'))):
-        scope = {}
-        exec(open(os.path.join(os.path.dirname(__file__), '..', 'config', name)).read(), scope)
-        assert all(type(v) in (int, float, bool, str) for k, v in scope.items() if not k.startswith('_')), name
+        p = run([sys.executable, 'train.py', f'config/{name}', *TINY, '--dataset=shapes', '--vae=', '--text_encoder=hash',
+                 '--dtype=float32', '--compile=False', '--max_iters=0', f'--out_dir={tmp_path}'])
+        assert 'parameters' in p.stdout, name

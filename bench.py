@@ -1,0 +1,235 @@
+"""
+Benchmarks: scripts that print numbers (not tests).
+
+    python bench.py train --model DiT-S/2 --res 128 --batch 8                     # CPU, fp32
+    python bench.py train --model DiT-B/2 --res 256 --batch 64 --dtype bfloat16 --compile    # one GPU
+    python bench.py sample --model DiT-B/2 --res 256 --batch 64 --steps 28 --cfg 4
+    python bench.py stream --n 1000                                                # the LAION streamer
+
+train: a training step (forward, backward, AdamW) of flowdit's DiT and of diffusers' SD3Transformer2DModel built to
+the same width, depth, heads, patch, image tokens and caption length, on the same batch, dtype and inputs. Latents
+have SD-VAE's geometry (res / 8, 4 channels), captions CLIP-L's (77 x 768).
+stream: N web-photo-like JPEGs served from a loopback server in another process; one streamer worker's images/s
+next to the decode + resize rate of the same files on one core, clean and with 30% dead and 5% stalled links.
+"""
+import argparse
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import flow
+from model import DiT, PRESETS, peak_flops
+
+
+def sync(device):
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def time_steps(step, n, warmup, device):
+    """Seconds per call of step(), after warm-up, and the peak memory (GB) it reached."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    if device.startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync(device)
+    dt = (time.perf_counter() - t0) / n
+    return dt, torch.cuda.max_memory_allocated() / 1e9 if device.startswith('cuda') else None
+
+
+def diffusers_twin(preset, channels, grid, text_dim):
+    from diffusers import SD3Transformer2DModel
+    depth, width, heads, patch = PRESETS[preset]
+    return SD3Transformer2DModel(sample_size=grid, patch_size=patch, in_channels=channels, num_layers=depth,
+                                 attention_head_dim=width // heads, num_attention_heads=heads,
+                                 joint_attention_dim=text_dim, caption_projection_dim=width,
+                                 pooled_projection_dim=text_dim, out_channels=channels,
+                                 pos_embed_max_size=grid // patch, qk_norm='rms_norm')
+
+
+def bench_train(a):
+    C, grid = 4, a.res // 8
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(a.batch, C, grid, grid, generator=g).to(a.device)
+    ctx = torch.randn(a.batch, a.text_len, a.text_dim, generator=g).to(a.device)
+    t, noise = torch.rand(a.batch, generator=g).to(a.device), torch.randn(x.shape, generator=g).to(a.device)
+    autocast = torch.autocast(a.device.split(':')[0], dtype=getattr(torch, a.dtype), enabled=a.dtype != 'float32')
+    ours = DiT(a.model, C, a.text_dim, grid, grad_checkpointing=a.grad_checkpointing)
+    flops = ours.flops_per_image(a.text_len)  # the twin does the same matmuls
+    peak = peak_flops(a.device)
+    rows = []
+    for name, model, forward in (
+            ('flowdit', ours, lambda m, z: m(z, t, ctx)),
+            ('diffusers SD3Transformer2DModel', diffusers_twin(a.model, C, grid, a.text_dim),
+             lambda m, z: m(z, ctx, ctx.mean(dim=1), t * 1000, return_dict=False)[0])):
+        if a.grad_checkpointing and name != 'flowdit':
+            model.enable_gradient_checkpointing()
+        model = model.to(a.device)
+        params = sum(p.numel() for p in model.parameters())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=a.device.startswith('cuda'))
+        net = torch.compile(model) if a.compile else model
+
+        def step():
+            zt = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
+            with autocast:
+                loss = F.mse_loss(forward(net, zt).float(), noise - x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        dt, mem = time_steps(step, a.steps, a.warmup, a.device)
+        rows.append((name, params, dt, mem))
+        del model, opt, net
+        if a.device.startswith('cuda'):
+            torch.cuda.empty_cache()
+    print(f'{a.model} at {a.res} px ({grid}x{grid}x{C} latents, {(grid // PRESETS[a.model][3]) ** 2} image tokens, '
+          f'{a.text_len} caption tokens), batch {a.batch}, {a.dtype}, compile {a.compile}, '
+          f'checkpointing {a.grad_checkpointing}, on {device_name(a.device)}')
+    print(f"{'model':34s} {'params':>8s} {'step ms':>9s} {'img/s':>8s} {'MFU':>6s} {'peak GB':>8s} {'GB/img':>7s}")
+    for name, params, dt, mem in rows:
+        mfu = f'{flops * a.batch / dt / peak:.1%}' if peak else 'n/a'
+        mem_s = f'{mem:8.2f} {mem / a.batch:7.3f}' if mem is not None else f"{'n/a':>8s} {'n/a':>7s}"
+        print(f'{name:34s} {params / 1e6:7.1f}M {dt * 1e3:9.1f} {a.batch / dt:8.1f} {mfu:>6s} {mem_s}')
+    print(f'step-time ratio flowdit / diffusers: {rows[0][2] / rows[1][2]:.3f}')
+
+
+def bench_sample(a):
+    C, grid = 4, a.res // 8
+    model = DiT(a.model, C, a.text_dim, grid).to(a.device).eval()
+    for p in model.parameters():  # a fresh model predicts zeros; timing wants real work, not skipped branches
+        p.data.normal_(0, 0.02)
+    ctx = torch.randn(a.batch, a.text_len, a.text_dim, device=a.device)
+    uncond = torch.zeros_like(ctx)
+    autocast = torch.autocast(a.device.split(':')[0], dtype=getattr(torch, a.dtype), enabled=a.dtype != 'float32')
+    net = torch.compile(model) if a.compile else model
+
+    def run():
+        with autocast:
+            flow.sample(flow.guided(net, ctx, uncond, a.cfg), torch.randn(a.batch, C, grid, grid, device=a.device),
+                        a.steps)
+    dt, mem = time_steps(run, a.repeats, 1, a.device)
+    print(f'{a.model} at {a.res} px, {a.steps} Euler steps, cfg {a.cfg} (one batched forward of 2 x {a.batch}), '
+          f'{a.dtype}, compile {a.compile}, on {device_name(a.device)}: {a.batch / dt:.2f} images/s '
+          f'({dt:.2f} s per batch of {a.batch}; DiT only, no VAE decode)')
+
+
+def web_photos(n, seed=0):
+    """JPEGs like web photos: 300-1600 px wide, aspect 0.6-1.7, quality 75-95."""
+    import fault_server as fs
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        w = int(rng.integers(300, 1600))
+        h = int(w / rng.uniform(0.6, 1.7))
+        out.append(fs.jpeg(w, h, seed=i, quality=int(rng.integers(75, 96))))
+    return out
+
+
+def serve(photos, dead, stalled, queue):
+    import fault_server as fs
+    routes = {f'/{i}.jpg': body for i, body in enumerate(photos)}
+    for i in dead:
+        routes[f'/{i}.jpg'] = fs.status(404)
+    for i in stalled:
+        routes[f'/{i}.jpg'] = fs.hang
+    url, _, server = fs.start(routes)
+    queue.put(url)
+    server.serve_forever()
+
+
+def stream_rate(photos, dead, stalled, a, cache_dir):
+    """One worker's images/s over one pass, the server in another process."""
+    import json
+    q = multiprocessing.Queue()
+    proc = multiprocessing.Process(target=serve, args=(photos, dead, stalled, q), daemon=True)
+    proc.start()
+    url = q.get()
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, 'shard_00000.jsonl'), 'w') as f:
+            f.writelines(json.dumps({'url': f'{url}/{i}.jpg', 'caption': str(i), 'width': 0, 'height': 0}) + '\n'
+                         for i in range(len(photos)))
+        o = dict(fetch_threads=a.threads, fetch_timeout=a.timeout, max_image_bytes=16_000_000,
+                 max_image_pixels=50_000_000, min_image_size=64, allow_private_urls=True, honor_robots=True,
+                 random_crop=False, random_flip=False, cache_dir=cache_dir, cache_bytes=1 << 34)
+        ds = data.LaionShards([os.path.join(tmp, 'shard_00000.jsonl')], 32, a.res, 0, 0, 1, 0, o)
+        expected = len(photos) - len(dead) - len(stalled)
+        served, t0, t_first = 0, time.perf_counter(), None
+        for images, *_ in ds:
+            served += len(images)
+            if served >= expected - 32:  # the end of the pass (a partial batch waits for the next pass)
+                break
+        dt = time.perf_counter() - t0
+    proc.terminate()
+    return served / dt
+
+
+def bench_stream(a):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tests'))  # fault_server.py
+    torch.set_num_threads(1)
+    photos = web_photos(a.n)
+    t0 = time.perf_counter()
+    for body in photos:  # what the streamer must do for each image, on one core
+        img = np.asarray(data.decode(body, a.res, 50_000_000, 64))
+        h, w = img.shape[:2]
+        torch.from_numpy(img[(h - a.res) // 2:(h + a.res) // 2, (w - a.res) // 2:(w + a.res) // 2].copy())
+    decode = a.n / (time.perf_counter() - t0)
+    rng = np.random.default_rng(1)
+    order = rng.permutation(a.n)
+    dead, stalled = order[:int(0.3 * a.n)], order[int(0.3 * a.n):int(0.35 * a.n)]
+    with tempfile.TemporaryDirectory() as cache:
+        clean = stream_rate(photos, [], [], a, os.path.join(cache, 'a'))
+        faults = stream_rate(photos, dead, stalled, a, os.path.join(cache, 'b'))
+        cached = stream_rate(photos, [], [], a, os.path.join(cache, 'a'))  # the same URLs again: all from the cache
+    print(f'{a.n} JPEGs 300-1600 px wide, to {a.res} px, one worker with {a.threads} fetch threads, '
+          f'deadline {a.timeout:g} s, {os.cpu_count()} cores')
+    print(f'decode + resize + crop, one core: {decode:8.1f} images/s')
+    print(f'streamer, clean:                  {clean:8.1f} images/s  ({clean / decode:.0%} of decode)')
+    print(f'streamer, 30% dead + 5% stalled:  {faults:8.1f} images/s  ({faults / decode:.0%} of decode, '
+          f'valid images only)')
+    print(f'streamer, second pass (cache):    {cached:8.1f} images/s')
+
+
+def device_name(device):
+    if device.startswith('cuda'):
+        return torch.cuda.get_device_name(device)
+    return f'CPU ({torch.get_num_threads()} threads)'
+
+
+if __name__ == '__main__':
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    sub = p.add_subparsers(dest='what', required=True)
+    for name in ('train', 'sample'):
+        s = sub.add_parser(name)
+        s.add_argument('--model', default='DiT-S/2', choices=list(PRESETS))
+        s.add_argument('--res', type=int, default=128, help='pixels; latents are res/8 x res/8 x 4')
+        s.add_argument('--batch', type=int, default=8)
+        s.add_argument('--text_len', type=int, default=77)
+        s.add_argument('--text_dim', type=int, default=768)
+        s.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+        s.add_argument('--compile', action='store_true')
+        s.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    train = sub.choices['train']
+    train.add_argument('--steps', type=int, default=5, help='timed steps')
+    train.add_argument('--warmup', type=int, default=2)
+    train.add_argument('--grad_checkpointing', action='store_true')
+    sample = sub.choices['sample']
+    sample.add_argument('--steps', type=int, default=28)
+    sample.add_argument('--cfg', type=float, default=4.0)
+    sample.add_argument('--repeats', type=int, default=2)
+    stream = sub.add_parser('stream')
+    stream.add_argument('--n', type=int, default=1000)
+    stream.add_argument('--res', type=int, default=256)
+    stream.add_argument('--threads', type=int, default=64)
+    stream.add_argument('--timeout', type=float, default=2.0)
+    a = p.parse_args()
+    {'train': bench_train, 'sample': bench_sample, 'stream': bench_stream}[a.what](a)
