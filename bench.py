@@ -33,19 +33,16 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_steps(step, n, warmup, device):
-    """Seconds per call of step(), after warm-up, and the peak memory (GB) it reached."""
-    for _ in range(warmup):
-        step()
+def memory(device):
+    return torch.cuda.memory_allocated() if device.startswith('cuda') else 0
+
+
+def timed(step, device):
     sync(device)
-    if device.startswith('cuda'):
-        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for _ in range(n):
-        step()
+    step()
     sync(device)
-    dt = (time.perf_counter() - t0) / n
-    return dt, torch.cuda.max_memory_allocated() / 1e9 if device.startswith('cuda') else None
+    return time.perf_counter() - t0
 
 
 def diffusers_twin(preset, channels, grid, text_dim):
@@ -68,30 +65,38 @@ def bench_train(a):
     ours = DiT(a.model, C, a.text_dim, grid, grad_checkpointing=a.grad_checkpointing)
     flops = ours.flops_per_image(a.text_len)  # the twin does the same matmuls
     peak = peak_flops(a.device)
-    rows = []
-    for name, model, forward in (
-            ('flowdit', ours, lambda m, z: m(z, t, ctx)),
-            ('diffusers SD3Transformer2DModel', diffusers_twin(a.model, C, grid, a.text_dim),
+    steps, peaks, params = {}, {}, {}
+    for name, build, forward in (
+            ('flowdit', lambda: ours, lambda m, z: m(z, t, ctx)),
+            ('diffusers SD3Transformer2DModel', lambda: diffusers_twin(a.model, C, grid, a.text_dim),
              lambda m, z: m(z, ctx, ctx.mean(dim=1), t * 1000, return_dict=False)[0])):
+        base = memory(a.device)  # the other model stays resident: count only what this one adds
+        model = build().to(a.device)
         if a.grad_checkpointing and name != 'flowdit':
             model.enable_gradient_checkpointing()
-        model = model.to(a.device)
-        params = sum(p.numel() for p in model.parameters())
+        params[name] = sum(p.numel() for p in model.parameters())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=a.device.startswith('cuda'))
         net = torch.compile(model) if a.compile else model
 
-        def step():
+        def step(net=net, opt=opt, forward=forward):
             zt = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
             with autocast:
                 loss = F.mse_loss(forward(net, zt).float(), noise - x)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        dt, mem = time_steps(step, a.steps, a.warmup, a.device)
-        rows.append((name, params, dt, mem))
-        del model, opt, net
         if a.device.startswith('cuda'):
-            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(a.warmup):
+            step()
+        peaks[name] = (torch.cuda.max_memory_allocated() - base) / 1e9 if a.device.startswith('cuda') else None
+        steps[name] = step
+    # the two alternate step by step, so that a machine whose speed drifts slows both alike; medians
+    times = {name: [] for name in steps}
+    for _ in range(a.steps):
+        for name, step in steps.items():
+            times[name].append(timed(step, a.device))
+    rows = [(name, params[name], float(np.median(times[name])), peaks[name]) for name in steps]
     print(f'{a.model} at {a.res} px ({grid}x{grid}x{C} latents, {(grid // PRESETS[a.model][3]) ** 2} image tokens, '
           f'{a.text_len} caption tokens), batch {a.batch}, {a.dtype}, compile {a.compile}, '
           f'checkpointing {a.grad_checkpointing}, on {device_name(a.device)}')
@@ -117,7 +122,8 @@ def bench_sample(a):
         with autocast:
             flow.sample(flow.guided(net, ctx, uncond, a.cfg), torch.randn(a.batch, C, grid, grid, device=a.device),
                         a.steps)
-    dt, mem = time_steps(run, a.repeats, 1, a.device)
+    run()  # warm-up (and compilation)
+    dt = float(np.median([timed(run, a.device) for _ in range(a.repeats)]))
     print(f'{a.model} at {a.res} px, {a.steps} Euler steps, cfg {a.cfg} (one batched forward of 2 x {a.batch}), '
           f'{a.dtype}, compile {a.compile}, on {device_name(a.device)}: {a.batch / dt:.2f} images/s '
           f'({dt:.2f} s per batch of {a.batch}; DiT only, no VAE decode)')
@@ -154,7 +160,7 @@ def stream_rate(photos, dead, stalled, a, cache_dir):
     proc = multiprocessing.Process(target=serve, args=(photos, dead, stalled, q), daemon=True)
     proc.start()
     url = q.get()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         with open(os.path.join(tmp, 'shard_00000.jsonl'), 'w') as f:
             f.writelines(json.dumps({'url': f'{url}/{i}.jpg', 'caption': str(i), 'width': 0, 'height': 0}) + '\n'
                          for i in range(len(photos)))
@@ -186,7 +192,7 @@ def bench_stream(a):
     rng = np.random.default_rng(1)
     order = rng.permutation(a.n)
     dead, stalled = order[:int(0.3 * a.n)], order[int(0.3 * a.n):int(0.35 * a.n)]
-    with tempfile.TemporaryDirectory() as cache:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as cache:  # stalled fetches may write late
         clean = stream_rate(photos, [], [], a, os.path.join(cache, 'a'))
         faults = stream_rate(photos, dead, stalled, a, os.path.join(cache, 'b'))
         cached = stream_rate(photos, [], [], a, os.path.join(cache, 'a'))  # the same URLs again: all from the cache

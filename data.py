@@ -315,10 +315,16 @@ class LaionShards(torch.utils.data.IterableDataset):
         writers = int(os.environ.get('LOCAL_WORLD_SIZE', 1)) * self.workers  # this node's
         self.cache = Cache(self.o['cache_dir'], self.o['cache_bytes'], writers)
         self.session = session(self.o['fetch_threads'])
-        stats, (epoch, below, done) = dict.fromkeys(COUNTERS, 0), self.positions.get(w, (0, 0, []))
+        epoch, below, done = self.positions.get(w, (0, 0, []))
         done = set(done)
         pool = concurrent.futures.ThreadPoolExecutor(self.o['fetch_threads'])
-        images, captions = [], []
+        try:
+            yield from self.batches(w, g, pool, epoch, below, done)
+        finally:  # a closed stream fetches no more; what is running ends by its deadline
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def batches(self, w, g, pool, epoch, below, done):
+        stats, images, captions = dict.fromkeys(COUNTERS, 0), [], []
         while True:
             served_before = stats['served']
             todo = ((k, row, rng) for k, row, rng in self.rows(epoch, g) if k >= below and k not in done)

@@ -76,7 +76,7 @@ class Stream(nn.Module):
         self.heads, self.post = heads, post
         self.mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, (6 if post else 2) * dim))
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)  # contiguous outputs
         self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)
         self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
         if post:
@@ -88,10 +88,12 @@ class Stream(nn.Module):
         # x: (B, T, D) tokens, y: (B, D) conditioning -> q, k, v (B, H, T, hd) and the remaining modulation
         mod = self.mod(y).chunk(6 if self.post else 2, dim=-1)
         B, T, D = x.shape
-        qkv = self.qkv(modulate(self.norm1(x), mod[0], mod[1]))  # (B, T, 3D)
-        q, k, v = qkv.view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
-        # the norms in fp32 (autocast would hand them bf16 inputs and fp32 weights: an unfused slow path)
-        return self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v), v, mod[2:]
+        h = modulate(self.norm1(x), mod[0], mod[1])
+        q, k, v = (proj(h).view(B, T, self.heads, D // self.heads) for proj in (self.q, self.k, self.v))  # (B, T, H, hd)
+        # normed before the transpose, where rows are contiguous (no copies); in fp32, as autocast would otherwise hand
+        # the norms bf16 inputs with fp32 weights, an unfused slow path
+        q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mod[2:]
 
     def post_attention(self, x, o, mod):
         # o: (B, T, D) attention output for this stream's tokens
@@ -111,6 +113,7 @@ class JointBlock(nn.Module):
         # x: (B, N, D) image tokens, c: (B, L, D) caption tokens, y: (B, D) conditioning
         qx, kx, vx, mod_x = self.img.pre_attention(x, y)
         qc, kc, vc, mod_c = self.txt.pre_attention(c, y)
+        # joined along the sequence: cat's copy leaves q, k, v contiguous, as the attention kernels want them
         q, k, v = (torch.cat(pair, dim=2) for pair in ((qx, qc), (kx, kc), (vx, vc)))  # (B, H, N+L, hd)
         o = attention(q, k, v, self.attn_impl).transpose(1, 2).flatten(2)  # (B, N+L, D)
         N = x.shape[1]
@@ -166,8 +169,9 @@ class DiT(nn.Module):
         # x: (B, C, H, W) latents, t: (B,) in [0, 1], ctx: (B, L, caption_dim) caption embeddings
         B, C, H, W = x.shape
         p, gh, gw = self.patch, H // self.patch, W // self.patch
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D), N = (H/p)*(W/p)
-        x = x + self.pos_embed_for(gh, gw)
+        # (B, N, D), N = (H/p)*(W/p). The table first: the sum then comes out contiguous, not strided like the
+        # transposed patches, which would make every LayerNorm of the residual stream copy it
+        x = self.pos_embed_for(gh, gw) + self.patch_embed(x).flatten(2).transpose(1, 2)
         y = self.t_embed(sincos_1d(1000 * t, 256)) + self.pool_proj(ctx.mean(dim=1))  # (B, D)
         c = self.caption_proj(ctx)  # (B, L, D)
         for block in self.blocks:
