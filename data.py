@@ -254,10 +254,8 @@ class Cache:
         return np.frombuffer(blob, dtype=np.uint8, offset=5).reshape(h, w, 3)
 
     def put(self, key, img=None, reason=''):
-        if img is None:
-            blob = b'F' + reason.encode()
-        else:
-            blob = b'I' + img.shape[0].to_bytes(2, 'little') + img.shape[1].to_bytes(2, 'little') + img.tobytes()
+        blob = (b'F' + reason.encode() if img is None else
+                b'I' + img.shape[0].to_bytes(2, 'little') + img.shape[1].to_bytes(2, 'little') + img.tobytes())
         if len(blob) > self.budget:
             return
         self.budget -= len(blob)
@@ -316,10 +314,9 @@ class LaionShards(torch.utils.data.IterableDataset):
         self.cache = Cache(self.o['cache_dir'], self.o['cache_bytes'], writers)
         self.session = session(self.o['fetch_threads'])
         epoch, below, done = self.positions.get(w, (0, 0, []))
-        done = set(done)
         pool = concurrent.futures.ThreadPoolExecutor(self.o['fetch_threads'])
         try:
-            yield from self.batches(w, g, pool, epoch, below, done)
+            yield from self.batches(w, g, pool, epoch, below, set(done))
         finally:  # a closed stream fetches no more; what is running ends by its deadline
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -387,9 +384,7 @@ class LaionStream:
             self.loader = iter(torch.utils.data.DataLoader(
                 self.dataset, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
                 persistent_workers=self.workers > 0, prefetch_factor=4 if self.workers else None))
-        images, captions, w, position, stats = next(self.loader)
-        self.dataset.positions[w] = position
-        self.stats[w] = stats
+        images, captions, w, self.dataset.positions[w], self.stats[w] = next(self.loader)
         return images, captions
 
     def state_dict(self):
