@@ -1,26 +1,7 @@
-# DiT-XL/2 on LAION at 256 px, the DiT paper's recipe: AdamW 1e-4 without weight decay, EMA 0.9999, global batch 256.
-# SD-VAE latents: 256 / 8 = 32x32x4, patch 2 -> 16 x 16 = 256 image tokens; CLIP-L captions: 77 tokens of width 768.
-#   python prepare_laion.py --out_dir=laion-shards --num_shards=1024
-#   torchrun --standalone --nproc_per_node=8 train.py config/laion_xl2.py
+# DiT-XL/2 on LAION at 256 px: config/laion_b2.py's data, encoders and recipe with the XL/2 model (28 blocks x 1152
+# wide, 16 heads; 1.33B parameters with its two streams). If its weights, grads and AdamW state (16 bytes a parameter)
+# plus activations do not fit, add --fsdp=True (shards them over the GPUs) and --grad_checkpointing=True.
+#   torchrun --standalone --nproc_per_node=8 train.py config/laion_xl2.py    (from the repository root)
+exec(open('config/laion_b2.py').read())
 out_dir = 'out-laion-xl2'
-dataset = 'laion'
-data_shards = 'laion-shards/shard_*.jsonl'
-data_workers = 8  # per GPU
-fetch_threads = 32  # per worker: 8 x 32 = 256 fetches in flight per GPU
-image_size = 256
-min_image_size = 256
-random_flip = True
 model = 'DiT-XL/2'
-vae = 'stabilityai/sd-vae-ft-ema'
-text_encoder = 'openai/clip-vit-large-patch14'
-text_max_length = 77
-batch_size = 32  # per GPU: 32 x 8 GPUs = 256 global
-learning_rate = 1e-4
-warmup_iters = 1000
-weight_decay = 0.0
-ema_decay = 0.9999
-max_iters = 400000  # 400K x 256 = 102M images; the DiT paper trained XL/2 to 7M steps
-log_interval = 100
-ckpt_interval = 5000
-sample_interval = 5000
-sample_prompts = 'a photograph of an astronaut riding a horse|a red sports car parked on a street at night|a bowl of fruit on a wooden table|a watercolor painting of a lighthouse by the sea'

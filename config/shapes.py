@@ -1,4 +1,4 @@
-# The embedded default: a text-conditioned DiT on 32x32 shapes, trained on a 2-core CPU in about 13 minutes.
+# The embedded default: a text-conditioned DiT on 32x32 shapes, trained on a 2-core CPU in 12-14 minutes.
 #   python train.py config/shapes.py && python sample.py --out_dir=out-shapes --prompt "large red circle in the center, blue background"
 out_dir = 'out-shapes'
 model = 'DiT-Ti/4'  # 6 blocks x 192 wide, 64 image tokens (32/4)^2 + 8 caption tokens
