@@ -175,9 +175,11 @@ else:
     sys.exit(f"config error: dataset must be 'shapes' or 'laion', got {dataset!r}")
 step = 0
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+ema = deepcopy(raw_model).requires_grad_(False)  # synced with the model, from scratch and on resume
 if init_from == 'resume':
     ckpt = load_checkpoint(ckpt_path)
     raw_model.load_state_dict(ckpt['model'])
+    ema.load_state_dict(ckpt['ema'])
     step = ckpt['step']
     if len(ckpt['data']) == world:
         stream.load_state_dict(ckpt['data'][rank])
@@ -185,9 +187,6 @@ if init_from == 'resume':
         log(f"warning: the checkpoint has {len(ckpt['data'])} ranks' data positions, this run {world}: streams restart")
 elif init_from != 'scratch':
     sys.exit(f"config error: init_from must be 'scratch' or 'resume', got {init_from!r}")
-ema = deepcopy(raw_model).requires_grad_(False)  # synced with the model, from scratch and on resume
-if init_from == 'resume':
-    ema.load_state_dict(ckpt['ema'])
 if fsdp and ddp:  # each block is a unit: its full weights exist only while it runs
     for module in (raw_model, ema):
         for block in module.blocks:
@@ -196,7 +195,8 @@ if fsdp and ddp:  # each block is a unit: its full weights exist only while it r
 optimizer = torch.optim.AdamW(raw_model.parameters(), lr=learning_rate, betas=(beta1, beta2),
                               weight_decay=weight_decay, fused=device_type == 'cuda')
 full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # one plain format, sharded or not
-if init_from == 'resume':
+ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())  # fixed once sharded
+if init_from == 'resume':  # after sharding: the optimizer state follows the parameters' placement
     set_optimizer_state_dict(raw_model, optimizer, ckpt['optimizer'], options=full)
     log(f'resumed from {ckpt_path} at step {step}')
     del ckpt
@@ -273,7 +273,7 @@ while step < max_iters:
     optimizer.step()
     decay = min(ema_decay, (1 + step) / (10 + step)) if ema_warmup else ema_decay
     with torch.no_grad():
-        torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - decay)
+        torch._foreach_lerp_(ema_params, model_params, 1 - decay)
     step += 1
 
     loss_sum += loss.detach()
