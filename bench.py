@@ -75,7 +75,7 @@ def bench_train(a):
         if a.grad_checkpointing and name != 'flowdit':
             model.enable_gradient_checkpointing()
         params[name] = sum(p.numel() for p in model.parameters())
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=a.device.startswith('cuda'))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         net = torch.compile(model) if a.compile else model
 
         def step(net=net, opt=opt, forward=forward):

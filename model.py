@@ -51,7 +51,8 @@ def attention(q, k, v, impl):
 
 
 def modulate(x, shift, scale):
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    # x * (1 + scale) + shift in one pass over x
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 
 def sincos_1d(t, dim, max_period=10000.0):
@@ -69,37 +70,42 @@ def sincos_2d(dim, gh, gw):
 
 class Stream(nn.Module):
     """One stream's half of a joint block: modulation, QKV with RMS-normed Q and K, output projection, MLP.
-    The caption stream of the last block only feeds attention (its output is never read): post=False."""
+    The caption stream of the last block only lends keys and values to the image tokens, as its own outputs would
+    never be read: last=True drops its queries and everything after attention."""
 
-    def __init__(self, dim, heads, post=True):
+    def __init__(self, dim, heads, last=False):
         super().__init__()
-        self.heads, self.post = heads, post
-        self.mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, (6 if post else 2) * dim))
+        self.heads, self.last = heads, last
+        self.mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, (2 if last else 6) * dim))
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)  # contiguous outputs
-        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim)  # separate projections: contiguous outputs
         self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
-        if post:
+        if not last:
+            self.q = nn.Linear(dim, dim)
+            self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)
             self.proj = nn.Linear(dim, dim)
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
             self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate='tanh'), nn.Linear(4 * dim, dim))
 
     def pre_attention(self, x, y):
-        # x: (B, T, D) tokens, y: (B, D) conditioning -> q, k, v (B, H, T, hd) and the remaining modulation
-        mod = self.mod(y).chunk(6 if self.post else 2, dim=-1)
+        # x: (B, T, D) tokens, y: (B, D) conditioning -> q (None if last), k, v (B, H, T, hd), the remaining modulation
+        mod = self.mod(y).chunk(2 if self.last else 6, dim=-1)
         B, T, D = x.shape
         h = modulate(self.norm1(x), mod[0], mod[1])
-        q, k, v = (proj(h).view(B, T, self.heads, D // self.heads) for proj in (self.q, self.k, self.v))  # (B, T, H, hd)
-        # normed before the transpose, where rows are contiguous (no copies); in fp32, as autocast would otherwise hand
-        # the norms bf16 inputs with fp32 weights, an unfused slow path
-        q, k = self.q_norm(q.float()).type_as(v), self.k_norm(k.float()).type_as(v)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mod[2:]
+
+        def heads(proj, norm=None):
+            z = proj(h).view(B, T, self.heads, D // self.heads)  # (B, T, H, hd)
+            if norm:  # before the transpose, where rows are contiguous (no copies); in fp32, as autocast would
+                z = norm(z.float()).to(z.dtype)  # otherwise hand the norm bf16 inputs and fp32 weights: a slow path
+            return z.transpose(1, 2)  # (B, H, T, hd)
+        q = None if self.last else heads(self.q, self.q_norm)
+        return q, heads(self.k, self.k_norm), heads(self.v), mod[2:]
 
     def post_attention(self, x, o, mod):
-        # o: (B, T, D) attention output for this stream's tokens
+        # x: (B, T, D) this stream's tokens, o: (B, H, T, hd) attention's output for them
         gate_attn, shift_mlp, scale_mlp, gate_mlp = mod
-        x = x + gate_attn.unsqueeze(1) * self.proj(o)
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = torch.addcmul(x, gate_attn.unsqueeze(1), self.proj(o.transpose(1, 2).flatten(2)))  # x + gate * proj(o)
+        return torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class JointBlock(nn.Module):
@@ -107,18 +113,20 @@ class JointBlock(nn.Module):
         super().__init__()
         self.attn_impl = attn_impl
         self.img = Stream(dim, heads)
-        self.txt = Stream(dim, heads, post=not last)
+        self.txt = Stream(dim, heads, last=last)
 
     def forward(self, x, c, y):
         # x: (B, N, D) image tokens, c: (B, L, D) caption tokens, y: (B, D) conditioning
         qx, kx, vx, mod_x = self.img.pre_attention(x, y)
         qc, kc, vc, mod_c = self.txt.pre_attention(c, y)
-        # joined along the sequence: cat's copy leaves q, k, v contiguous, as the attention kernels want them
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((qx, qc), (kx, kc), (vx, vc)))  # (B, H, N+L, hd)
-        o = attention(q, k, v, self.attn_impl).transpose(1, 2).flatten(2)  # (B, N+L, D)
+        # joined along the sequence: cat's copy leaves them contiguous, as the attention kernels want them.
+        # In the last block only the image tokens ask (qc is None)
+        q = qx if qc is None else torch.cat((qx, qc), dim=2)  # (B, H, N+L or N, hd)
+        k, v = torch.cat((kx, kc), dim=2), torch.cat((vx, vc), dim=2)  # (B, H, N+L, hd)
+        o = attention(q, k, v, self.attn_impl)  # (B, H, N+L or N, hd)
         N = x.shape[1]
-        x = self.img.post_attention(x, o[:, :N], mod_x)
-        c = self.txt.post_attention(c, o[:, N:], mod_c) if self.txt.post else c
+        x = self.img.post_attention(x, o[:, :, :N], mod_x)
+        c = c if self.txt.last else self.txt.post_attention(c, o[:, :, N:], mod_c)
         return x, c
 
 
@@ -200,7 +208,8 @@ class DiT(nn.Module):
         """Training FLOPs per image (forward + backward = 3x forward), matmuls only: linear layers and attention."""
         N, L, D = (self.grid // self.patch) ** 2, n_txt, self.dim
         per_block = 12 * D * D * (N + L) + 2 * (N + L) ** 2 * D  # MACs: qkv 3D^2 + proj D^2 + mlp 8D^2; QK^T, AV
-        macs = self.depth * per_block - 9 * D * D * L  # the last block's caption stream stops after its qkv
+        # the last block's caption stream only makes keys and values: no q, proj or MLP, and no queries in attention
+        macs = self.depth * per_block - 10 * D * D * L - 2 * L * (N + L) * D
         macs += 2 * self.in_channels * self.patch ** 2 * D * N  # patch embedding and final projection
         return 3 * 2 * macs
 

@@ -193,7 +193,7 @@ if fsdp and ddp:  # each block is a unit: its full weights exist only while it r
             fully_shard(block)
         fully_shard(module)
 optimizer = torch.optim.AdamW(raw_model.parameters(), lr=learning_rate, betas=(beta1, beta2),
-                              weight_decay=weight_decay, fused=device_type == 'cuda')
+                              weight_decay=weight_decay, fused=True)
 full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # one plain format, sharded or not
 ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())  # fixed once sharded
 if init_from == 'resume':  # after sharding: the optimizer state follows the parameters' placement

@@ -10,7 +10,7 @@ def hand_count(depth, D, heads, p, C, Dt, grid):
     hd = D // heads
     pre = (D * 6 * D + 6 * D) + (3 * D * D + 3 * D) + 2 * hd  # modulation, qkv, q/k RMSNorm weights
     post = (D * D + D) + (D * 4 * D + 4 * D) + (4 * D * D + D)  # out projection, MLP
-    last_txt = (D * 2 * D + 2 * D) + (3 * D * D + 3 * D) + 2 * hd  # the last caption stream only feeds attention
+    last_txt = (D * 2 * D + 2 * D) + (2 * D * D + 2 * D) + hd  # the last caption stream only lends keys and values
     blocks = depth * (pre + post) + (depth - 1) * (pre + post) + last_txt
     embed = (C * p * p * D + D) + (grid // p) ** 2 * D + (256 * D + D + D * D + D) + 2 * (Dt * D + D)
     final = (D * 2 * D + 2 * D) + (D * p * p * C + p * p * C)
@@ -60,6 +60,14 @@ def test_manual_attention_matches_sdpa():
     a, b = sdpa(x, t, ctx), manual(x, t, ctx)
     assert a.abs().mean() > 0.1
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_every_parameter_learns():
+    # a parameter whose gradient is always zero (as the last caption stream's queries would be) is dead weight
+    m = randomize(DiT('DiT-Ti/4', 3, 64, 16))
+    m(torch.randn(2, 3, 16, 16), torch.rand(2), torch.randn(2, 10, 64)).square().mean().backward()
+    dead = [name for name, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead, dead
 
 
 def test_text_tokens_change_the_image_stream():
