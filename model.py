@@ -126,7 +126,7 @@ class JointBlock(nn.Module):
         o = attention(q, k, v, self.attn_impl)  # (B, H, N+L or N, hd)
         N = x.shape[1]
         x = self.img.post_attention(x, o[:, :, :N], mod_x)
-        c = c if self.txt.last else self.txt.post_attention(c, o[:, :, N:], mod_c)
+        c = None if self.txt.last else self.txt.post_attention(c, o[:, :, N:], mod_c)  # None: the caption ends here
         return x, c
 
 
