@@ -243,16 +243,17 @@ def write_samples():
         save_grid(images, len(prompts), os.path.join(out_dir, f'samples_{step:06d}.png'))
 
 
-# ----- the loop. Every random draw of a step comes from generators seeded by (seed, rank, step): the step is the RNG
+# ----- the loop. Every random draw of a step comes from a generator reseeded by (seed, rank, step): the step is the RNG
 # state, so a resumed run continues exactly.
 n_bins = 4
 loss_sum = torch.zeros((), device=device)
 bin_sum, bin_count = torch.zeros(n_bins, device=device), torch.zeros(n_bins, device=device)
 t_begin, t_last, step_start, images_seen = time.time(), time.time(), step, 0
 last_counts = 0
+gen = torch.Generator(device)
 while step < max_iters:
     images, captions = next(stream)
-    gen = torch.Generator(device).manual_seed(seed + 1_000_003 * rank + 7_919 * step)
+    gen.manual_seed(seed + 1_000_003 * rank + 7_919 * step)
     x = images.to(device, non_blocking=True).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
     with torch.no_grad(), autocast:
         z0 = vae_model.encode(x).float()  # (B, C, grid, grid)
