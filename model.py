@@ -120,8 +120,8 @@ class JointBlock(nn.Module):
         qx, kx, vx, mod_x = self.img.pre_attention(x, y)
         qc, kc, vc, mod_c = self.txt.pre_attention(c, y)
         # joined along the sequence: cat's copy leaves them contiguous, as the attention kernels want them.
-        # In the last block only the image tokens ask (qc is None)
-        q = qx if qc is None else torch.cat((qx, qc), dim=2)  # (B, H, N+L or N, hd)
+        # In the last block only the image tokens ask
+        q = qx if self.txt.last else torch.cat((qx, qc), dim=2)  # (B, H, N+L or N, hd)
         k, v = torch.cat((kx, kc), dim=2), torch.cat((vx, vc), dim=2)  # (B, H, N+L, hd)
         o = attention(q, k, v, self.attn_impl)  # (B, H, N+L or N, hd)
         N = x.shape[1]
