@@ -1,21 +1,28 @@
 """
 Benchmarks: scripts that print numbers (not tests).
 
-    python bench.py train --model DiT-S/2 --res 128 --batch 8                     # CPU, fp32
+    python bench.py train --model DiT-S/2 --res 128 --batch 8 --dtype float32     # CPU
     python bench.py train --model DiT-B/2 --res 256 --batch 64 --dtype bfloat16 --compile    # one GPU
     python bench.py sample --model DiT-B/2 --res 256 --batch 64 --steps 28 --cfg 4
-    python bench.py stream --n 1000                                                # the LAION streamer
+    python bench.py stream --n 1000                                                # the LAION streamer's sources
+    python bench.py latent --model DiT-S/2 --res 64 --batch 8                      # the latent cache in a step
 
 train: a training step (forward, backward, AdamW) of flowdit's DiT and of diffusers' SD3Transformer2DModel built to
-the same width, depth, heads, patch, image tokens and caption length, on the same batch, dtype and inputs. Latents
-have SD-VAE's geometry (res / 8, 4 channels), captions CLIP-L's (77 x 768).
-stream: N web-photo-like JPEGs served from a loopback server in another process; one streamer worker's images/s
-next to the decode + resize rate of the same files on one core, clean and with 30% dead and 5% stalled links.
+the same width, depth, heads, patch, image tokens and caption length, on the same batch, dtype and inputs (--dtype
+auto, the default, picks what train.py would: model.choose_dtype). Latents have SD-VAE's geometry (res / 8,
+4 channels), captions CLIP-L's (77 x 768).
+stream: N web-photo-like JPEGs; one streamer worker's samples/s from URLs on a loopback server in another process
+(clean, and with 30% dead and 5% stalled links), from a local tar shard, and from the RAM cache (pixels, latents),
+next to the decode + resize rate of the same files on one core.
+latent: a training step fed pre-made latents, the stream's warm latent cache, or pixels encoded by the VAE.
 """
 import argparse
+import io
+import json
 import multiprocessing
 import os
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -25,7 +32,7 @@ import torch.nn.functional as F
 
 import data
 import flow
-from model import DiT, PRESETS, peak_flops
+from model import DiT, PRESETS, autocast_for, load_vae, peak_flops, resolve_dtype
 
 
 def sync(device):
@@ -61,7 +68,8 @@ def bench_train(a):
     x = torch.randn(a.batch, C, grid, grid, generator=g).to(a.device)
     ctx = torch.randn(a.batch, a.text_len, a.text_dim, generator=g).to(a.device)
     t, noise = torch.rand(a.batch, generator=g).to(a.device), torch.randn(x.shape, generator=g).to(a.device)
-    autocast = torch.autocast(a.device.split(':')[0], dtype=getattr(torch, a.dtype), enabled=a.dtype != 'float32')
+    a.dtype = resolve_dtype(a.dtype, a.device)[0]
+    autocast = autocast_for(a.device, a.dtype)
     ours = DiT(a.model, C, a.text_dim, grid, grad_checkpointing=a.grad_checkpointing)
     flops = ours.flops_per_image(a.text_len)  # the twin does the same matmuls
     peak = peak_flops(a.device)
@@ -115,7 +123,8 @@ def bench_sample(a):
         p.data.normal_(0, 0.02)
     ctx = torch.randn(a.batch, a.text_len, a.text_dim, device=a.device)
     uncond = torch.zeros_like(ctx)
-    autocast = torch.autocast(a.device.split(':')[0], dtype=getattr(torch, a.dtype), enabled=a.dtype != 'float32')
+    a.dtype = resolve_dtype(a.dtype, a.device)[0]
+    autocast = autocast_for(a.device, a.dtype)
     net = torch.compile(model) if a.compile else model
 
     def run():
@@ -153,35 +162,54 @@ def serve(photos, dead, stalled, queue):
     server.serve_forever()
 
 
-def stream_rates(photos, dead, stalled, a, cache_dir):
-    """One worker's images/s over a first pass (network) and a second (the same URLs: the RAM cache); the server runs
-    in another process."""
-    import json
+def pass_rates(shards, a, cache_dir, valid, **options):
+    """Samples/s of one streamer worker (this process) over two passes of its shards: steady state, the time to serve
+    a pass's valid samples, not the wait for its last stalled links to time out (in training a worker's pass spans
+    millions of rows, so that wait comes once in a long while)."""
+    o = dict(fetch_threads=a.threads, fetch_timeout=a.timeout, max_image_bytes=16_000_000, max_image_pixels=50_000_000,
+             min_image_size=64, allow_private_urls=True, honor_robots=True, random_crop=False, random_flip=False,
+             cache_dir=cache_dir, cache_bytes=1 << 34)
+    o.update(options)
+    stream = iter(data.LaionShards(shards, 32, a.res, 0, 0, 1, 0, o))
+    served, marks = 0, [time.perf_counter()]
+    for images, *_ in stream:
+        served += len(images['hit']) if isinstance(images, dict) else len(images)
+        if served >= len(marks) * valid - 32:  # a partial batch waits for the next pass
+            marks.append(time.perf_counter())
+            if len(marks) == 3:
+                break
+    stream.close()
+    return [valid / (b - a) for a, b in zip(marks, marks[1:])]
+
+
+def url_shard(folder, url, n):
+    path = os.path.join(folder, 'shard_00000.jsonl')
+    with open(path, 'w') as f:
+        f.writelines(json.dumps({'url': f'{url}/{i}.jpg', 'caption': str(i), 'width': 0, 'height': 0}) + '\n'
+                     for i in range(n))
+    return path
+
+
+def url_rates(photos, dead, stalled, a, cache_dir):
+    """Over a first pass (network) and a second (the same URLs: the RAM cache); the server runs in another process."""
     q = multiprocessing.Queue()
     proc = multiprocessing.Process(target=serve, args=(photos, dead, stalled, q), daemon=True)
     proc.start()
-    url = q.get()
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
-        with open(os.path.join(tmp, 'shard_00000.jsonl'), 'w') as f:
-            f.writelines(json.dumps({'url': f'{url}/{i}.jpg', 'caption': str(i), 'width': 0, 'height': 0}) + '\n'
-                         for i in range(len(photos)))
-        o = dict(fetch_threads=a.threads, fetch_timeout=a.timeout, max_image_bytes=16_000_000,
-                 max_image_pixels=50_000_000, min_image_size=64, allow_private_urls=True, honor_robots=True,
-                 random_crop=False, random_flip=False, cache_dir=cache_dir, cache_bytes=1 << 34)
-        stream = iter(data.LaionShards([os.path.join(tmp, 'shard_00000.jsonl')], 32, a.res, 0, 0, 1, 0, o))
-        # steady state: the time to serve a pass's valid images, not the wait for its last stalled links to time out
-        # (in training a worker's pass spans millions of rows, so that wait comes once in a long while)
-        valid, served, marks = len(photos) - len(dead) - len(stalled), 0, [time.perf_counter()]
-        for images, *_ in stream:
-            served += len(images)
-            if served >= (len(marks)) * valid - 32:  # a partial batch waits for the next pass
-                marks.append(time.perf_counter())
-                if len(marks) == 3:
-                    break
-        rates = [valid / (b - a) for a, b in zip(marks, marks[1:])]
-        stream.close()
+        rates = pass_rates([url_shard(tmp, q.get(), len(photos))], a, cache_dir, len(photos) - len(dead) - len(stalled))
     proc.terminate()
     return rates
+
+
+def tar_shard(path, photos):
+    """img2dataset's layout: 000000000.jpg, .txt, .json."""
+    with tarfile.open(path, 'w') as tar:
+        for i, body in enumerate(photos):
+            for ext, blob in (('jpg', body), ('txt', str(i).encode()), ('json', b'{}')):
+                info = tarfile.TarInfo(f'{i:09d}.{ext}')
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+    return path
 
 
 def bench_stream(a):
@@ -197,16 +225,78 @@ def bench_stream(a):
     rng = np.random.default_rng(1)
     order = rng.permutation(a.n)
     dead, stalled = order[:int(0.3 * a.n)], order[int(0.3 * a.n):int(0.35 * a.n)]
-    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as cache:  # stalled fetches may write late
-        clean, cached = stream_rates(photos, [], [], a, os.path.join(cache, 'a'))
-        faults, _ = stream_rates(photos, dead, stalled, a, os.path.join(cache, 'b'))
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:  # stalled fetches may write late
+        clean, cached = url_rates(photos, [], [], a, os.path.join(tmp, 'a'))
+        faults, _ = url_rates(photos, dead, stalled, a, os.path.join(tmp, 'b'))
+        tar, _ = pass_rates([tar_shard(os.path.join(tmp, '00000.tar'), photos)], a, os.path.join(tmp, 'c'), a.n)
+        # latent hits: SD-VAE latents of the crop and its flip, (2, 4, res/8, res/8) in fp16, already in the cache
+        shard, g = url_shard(tmp, 'http://unused.invalid', a.n), a.res // 8
+        cache = data.Cache(os.path.join(tmp, 'd'), 1 << 34, 1)
+        for i in range(a.n):
+            cache.put(f'http://unused.invalid/{i}.jpg|{a.res}|bench', arrays=[rng.standard_normal((2, 4, g, g))])
+        latents, _ = pass_rates([shard], a, os.path.join(tmp, 'd'), a.n, latent_tag='|bench', random_flip=True)
     print(f'{a.n} JPEGs 300-1600 px wide, to {a.res} px, one worker with {a.threads} fetch threads, '
           f'deadline {a.timeout:g} s, {os.cpu_count()} cores')
-    print(f'decode + resize + crop, one core: {decode:8.1f} images/s')
-    print(f'streamer, clean:                  {clean:8.1f} images/s  ({clean / decode:.0%} of decode)')
-    print(f'streamer, 30% dead + 5% stalled:  {faults:8.1f} images/s  ({faults / decode:.0%} of decode, '
+    print(f'decode + resize + crop, one core: {decode:9.1f} samples/s')
+    print(f'URLs, clean:                      {clean:9.1f} samples/s  ({clean / decode:.0%} of decode)')
+    print(f'URLs, 30% dead + 5% stalled:      {faults:9.1f} samples/s  ({faults / decode:.0%} of decode, '
           f'valid images only)')
-    print(f'streamer, second pass (cache):    {cached:8.1f} images/s  (one core: the worker process)')
+    print(f'local tar shard (img2dataset):    {tar:9.1f} samples/s  ({tar / decode:.0%} of decode)')
+    print(f'cache hits, pixels:               {cached:9.1f} samples/s')
+    print(f'cache hits, latents (fp16):       {latents:9.1f} samples/s')
+
+
+def bench_latent(a):
+    """A training step fed pre-made latents, fed by the stream's warm latent cache, and encoding pixels with the VAE
+    on the fly: the same DiT, batch and VAE (SD-VAE's architecture; FLOPs do not depend on the random weights)."""
+    from diffusers import AutoencoderKL
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tests'))  # fault_server.py
+    dtype = resolve_dtype(a.dtype, a.device)[0]
+    autocast = autocast_for(a.device, dtype)
+    photos = web_photos(4 * a.batch)
+    q = multiprocessing.Queue()
+    proc = multiprocessing.Process(target=serve, args=(photos, [], [], q), daemon=True)
+    proc.start()
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+        AutoencoderKL(down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4,
+                      block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                      sample_size=256, scaling_factor=0.18215).save_pretrained(os.path.join(tmp, 'vae'))
+        frozen = torch.bfloat16 if dtype == 'bfloat16' else torch.float32
+        vae = load_vae(os.path.join(tmp, 'vae')).to(a.device, frozen)
+        o = dict(fetch_threads=16, fetch_timeout=10.0, max_image_bytes=16_000_000, max_image_pixels=50_000_000,
+                 min_image_size=64, allow_private_urls=True, honor_robots=True, random_crop=False, random_flip=True,
+                 cache_dir=os.path.join(tmp, 'cache'), cache_bytes=1 << 34)
+        stream = data.LaionStream(url_shard(tmp, q.get(), len(photos)), a.batch, a.res, 0, 0, 1, a.workers,
+                                  pin_memory=a.device.startswith('cuda'), vae=vae, cache_tag='bench', **o)
+        for _ in range(4):  # one epoch: every latent encoded and cached
+            premade, _ = next(stream)
+        model = DiT(a.model, 4, a.text_dim, a.res // 8).to(a.device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        ctx = torch.randn(a.batch, a.text_len, a.text_dim, device=a.device)
+        pixels = torch.randint(0, 256, (a.batch, 3, a.res, a.res), dtype=torch.uint8)
+
+        def train(z0):
+            t = torch.rand(a.batch, device=a.device)
+            with autocast:
+                loss = flow.loss(model, z0, t, ctx, torch.randn_like(z0)).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        feeds = {'pre-made latents': lambda: premade,
+                 'latent cache (warm)': lambda: next(stream)[0],
+                 'VAE encode on the fly': lambda: vae.encode(pixels.to(a.device).float() / 127.5 - 1).float()}
+        for feed in feeds.values():
+            train(feed())
+        times = {name: [] for name in feeds}
+        for _ in range(a.steps):  # interleaved: a drifting machine slows all three alike
+            for name, feed in feeds.items():
+                times[name].append(timed(lambda: train(feed()), a.device))
+    proc.terminate()
+    base = float(np.median(times['pre-made latents']))
+    print(f'{a.model} at {a.res} px, batch {a.batch}, {dtype}, SD-VAE architecture, {a.workers} data worker(s), '
+          f'on {device_name(a.device)}')
+    for name, ts in times.items():
+        print(f'{name:24s} {np.median(ts) * 1e3:9.1f} ms/step  ({np.median(ts) / base:.3f} x pre-made)')
 
 
 def device_name(device):
@@ -225,7 +315,7 @@ if __name__ == '__main__':
         s.add_argument('--batch', type=int, default=8)
         s.add_argument('--text_len', type=int, default=77)
         s.add_argument('--text_dim', type=int, default=768)
-        s.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+        s.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16', 'float16'])
         s.add_argument('--compile', action='store_true')
         s.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     train = sub.choices['train']
@@ -241,5 +331,15 @@ if __name__ == '__main__':
     stream.add_argument('--res', type=int, default=256)
     stream.add_argument('--threads', type=int, default=64)
     stream.add_argument('--timeout', type=float, default=2.0)
+    latent = sub.add_parser('latent')
+    latent.add_argument('--model', default='DiT-S/2', choices=list(PRESETS))
+    latent.add_argument('--res', type=int, default=64)
+    latent.add_argument('--batch', type=int, default=8)
+    latent.add_argument('--steps', type=int, default=5)
+    latent.add_argument('--workers', type=int, default=1)
+    latent.add_argument('--text_len', type=int, default=77)
+    latent.add_argument('--text_dim', type=int, default=768)
+    latent.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16', 'float16'])
+    latent.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     a = p.parse_args()
-    {'train': bench_train, 'sample': bench_sample, 'stream': bench_stream}[a.what](a)
+    {'train': bench_train, 'sample': bench_sample, 'stream': bench_stream, 'latent': bench_latent}[a.what](a)

@@ -9,6 +9,7 @@ import functools
 import math
 import os
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -33,6 +34,46 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def cpu_flags():
+    """The CPU's feature flags as Linux lists them (x86 'flags', ARM 'Features'); empty without /proc/cpuinfo."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return {flag for line in f if line.startswith(('flags', 'Features')) for flag in line.split(':', 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def choose_dtype(device_type, gpu_bf16=False, cpu_flags=()):
+    """dtype='auto': the fastest safe autocast dtype from what the hardware reports, and why (master weights stay
+    fp32 whatever it is). A pure function: resolve_dtype asks the hardware."""
+    if device_type == 'cuda':
+        if gpu_bf16:
+            return 'bfloat16', 'the GPU computes bf16'
+        return 'float16', 'the GPU has no bf16 (pre-Ampere): fp16 autocast with a gradient scaler'
+    if device_type == 'cpu':
+        native = sorted({'avx512_bf16', 'amx_bf16', 'bf16'} & set(cpu_flags))  # x86's flags; ARM's is 'bf16'
+        if native:
+            return 'bfloat16', f"the CPU computes bf16 natively ({', '.join(native)})"
+        return 'float32', 'the CPU has no native bf16: emulated bf16 would be ~20x slower than fp32'
+    return 'float32', f'no bf16 rule for {device_type} devices'
+
+
+def resolve_dtype(dtype, device):
+    """An explicit dtype wins; 'auto' asks this machine's hardware."""
+    if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
+        raise SystemExit(f"config error: dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+    if dtype != 'auto':
+        return dtype, 'set explicitly'
+    device_type = torch.device(device).type
+    gpu_bf16 = device_type == 'cuda' and torch.cuda.is_bf16_supported(including_emulation=False)
+    return choose_dtype(device_type, gpu_bf16, cpu_flags() if device_type == 'cpu' else ())
+
+
+def autocast_for(device, dtype):
+    """The autocast context of a resolved dtype: none for fp32."""
+    return nullcontext() if dtype == 'float32' else torch.autocast(torch.device(device).type, getattr(torch, dtype))
 
 
 def to_device(x, device):

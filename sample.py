@@ -3,22 +3,26 @@ Generate images from a flowdit checkpoint (the EMA weights).
 
     python sample.py --prompt "large red circle in the center, blue background" \
                      --prompt "small white square at the top, black background" --n 4
+    python sample.py --out_dir out-laion-b2 --prompt "a bowl of fruit" --cfg 4
     python sample.py --prompts_file prompts.txt --cfg 4 --steps 28 --sampler heun --out grid.png
     python sample.py --prompt "..." --init_image photo.png --strength 0.6      # image-to-image
     python sample.py --eval                                                    # shapes: prompt adherence
 
 The grid has one row per prompt, in order, and --n columns, each cell at the model's native resolution.
+Without --out_dir it samples the one run under the current folder (out*/ckpt.pt), and names them if there are several.
 """
 import argparse
+import glob
+import os
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 import flow
-from model import DiT, load_checkpoint, load_text_encoder, load_vae
+import shapes
+from model import DiT, autocast_for, load_checkpoint, load_text_encoder, load_vae, resolve_dtype
 
 
 def to_uint8(x):
@@ -51,6 +55,21 @@ def generate(model, text_encoder, vae, prompts, negative_prompt='', steps=28, cf
     return to_uint8(vae.decode(z))
 
 
+def find_run(out_dir):
+    """--out_dir if given; else the one run here (out*/ckpt.pt: train.py's 'out' and the configs' 'out-*'). Several
+    runs are named, not guessed between."""
+    if out_dir is not None:
+        return out_dir
+    runs = sorted(os.path.dirname(p) for p in glob.glob('out*/ckpt.pt'))
+    if not runs:
+        raise SystemExit('error: no checkpoint here (out*/ckpt.pt): train one first (python train.py '
+                         'config/shapes.py) or point --out_dir at one')
+    if len(runs) > 1:
+        raise SystemExit(f"error: several runs here ({', '.join(runs)}): choose one with --out_dir")
+    print(f'sampling the run in {runs[0]}/ (the only one here)')
+    return runs[0]
+
+
 def load_for_sampling(out_dir, device, text_encoder=None, vae=None):
     """EMA model, text encoder and VAE as the checkpoint recorded them (the encoders overridable)."""
     ckpt = load_checkpoint(f'{out_dir}/ckpt.pt')
@@ -68,15 +87,14 @@ def load_for_sampling(out_dir, device, text_encoder=None, vae=None):
 
 def evaluate(model, te, vae, args):
     """Shapes: sample every attribute combination once and read the attributes back from the pixels."""
-    import data
-    scenes = data.all_scenes()[::args.eval_stride]
+    scenes = shapes.all_scenes()[::args.eval_stride]
     images = []
     for i in range(0, len(scenes), 256):
-        prompts = [data.CAPTION.format(**s) for s in scenes[i:i + 256]]
+        prompts = [shapes.CAPTION.format(**s) for s in scenes[i:i + 256]]
         images.append(generate(model, te, vae, prompts, args.negative_prompt, args.steps, args.cfg, args.sampler,
                                args.shift, args.seed + i))
         print(f'sampled {i + len(prompts)}/{len(scenes)}', flush=True)
-    scores = data.adherence(np.concatenate(images), scenes)
+    scores = shapes.adherence(np.concatenate(images), scenes)
     print(f'prompt adherence over {len(scenes)} prompts: ' + ', '.join(f'{k} {v:.1%}' for k, v in scores.items()))
     return scores
 
@@ -94,18 +112,23 @@ if __name__ == '__main__':
     p.add_argument('--negative_prompt', default='', help='replaces the empty caption of the unconditional branch')
     p.add_argument('--init_image', help='image-to-image: start from this image noised to t = strength')
     p.add_argument('--strength', type=float, default=0.6)
-    p.add_argument('--out_dir', default='out', help='the checkpoint folder (ckpt.pt)')
+    p.add_argument('--out_dir', help='the checkpoint folder (ckpt.pt); default: the one run here (out*/)')
     p.add_argument('--out', default='samples.png', help='PNG path of the grid')
     p.add_argument('--text_encoder', help="override the checkpoint's text encoder (id or path)")
     p.add_argument('--vae', help="override the checkpoint's VAE (id or path, '' for pixels)")
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--dtype', default='auto', help="autocast: 'auto' (the fastest safe one here), float32, "
+                   'bfloat16, float16')
     p.add_argument('--eval', action='store_true', help='shapes: measure prompt adherence over all attribute combos')
     p.add_argument('--eval_stride', type=int, default=1, help='with --eval: every k-th combination')
     args = p.parse_args()
 
-    model, te, vae, cfg = load_for_sampling(args.out_dir, args.device, args.text_encoder, args.vae)
+    model, te, vae, cfg = load_for_sampling(find_run(args.out_dir), args.device, args.text_encoder, args.vae)
+    dtype, why = resolve_dtype(args.dtype, args.device)
+    print(f'dtype {dtype}: {why}')
     if args.eval:
-        evaluate(model, te, vae, args)
+        with autocast_for(args.device, dtype):
+            evaluate(model, te, vae, args)
         raise SystemExit
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -120,7 +143,7 @@ if __name__ == '__main__':
         img = np.asarray(img, dtype=np.float32) / 127.5 - 1
         init = torch.from_numpy(img).permute(2, 0, 1)[None].expand(len(prompts) * args.n, -1, -1, -1)
     t0 = time.time()
-    with torch.autocast('cuda', torch.bfloat16) if args.device.startswith('cuda') else nullcontext():
+    with autocast_for(args.device, dtype):
         images = generate(model, te, vae, [q for q in prompts for _ in range(args.n)], args.negative_prompt, args.steps,
                           args.cfg, args.sampler, args.shift, args.seed, init, args.strength, progress=True)
     save_grid(images, len(prompts), args.out)

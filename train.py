@@ -16,7 +16,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from copy import deepcopy
 
 import torch
@@ -28,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import flow
-from model import DiT, load_checkpoint, load_text_encoder, load_vae, peak_flops, to_device
+import shapes
+from model import DiT, autocast_for, load_checkpoint, load_text_encoder, load_vae, peak_flops, resolve_dtype, to_device
 from sample import generate, save_grid
 
 # ----- I/O
@@ -42,7 +42,7 @@ sample_prompts = ('large red circle in the center, blue background|small yellow 
 # ----- data
 dataset = 'shapes'  # 'shapes' (embedded, drawn on the fly) or 'laion' (URL shards written by prepare_laion.py)
 image_size = 32
-data_shards = 'laion-shards/shard_*.jsonl'  # laion: a glob of shards
+data_shards = 'laion-shards/shard_*.jsonl'  # laion: JSON-lines (prepare_laion.py) or tar shards: glob, {0..9} range, URL
 data_workers = 4  # laion: DataLoader worker processes per rank
 fetch_threads = 16  # laion: concurrent fetches per worker
 fetch_timeout = 10.0  # laion: seconds per image, all included (a slow drip is cut off)
@@ -53,6 +53,7 @@ random_crop = False  # else the center crop
 random_flip = False
 cache_dir = '/dev/shm/flowdit-cache'  # processed images in RAM, shared by the node's ranks, kept across restarts
 cache_gb = 16.0
+cache_text = False  # with a VAE: cache each caption's embedding beside its latent (large text encoders)
 allow_private_urls = False  # refuse URLs resolving to private, loopback or link-local addresses
 honor_robots = True  # skip images served with X-Robots-Tag noai / noimageai
 # ----- model and encoders
@@ -89,7 +90,7 @@ sample_cfg = 4.0
 # ----- system
 seed = 0
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # autocast dtype; master weights stay fp32
+dtype = 'auto'  # autocast: 'auto' picks the fastest safe one here (model.choose_dtype), else float32 / bfloat16 / float16
 compile = torch.cuda.is_available()
 
 
@@ -146,7 +147,6 @@ device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 torch.manual_seed(seed)  # the same initial weights on every rank; DDP checks
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
 
 
 def log(msg):
@@ -154,19 +154,28 @@ def log(msg):
         print(msg, flush=True)
 
 
+dtype, why = resolve_dtype(dtype, device)
+log(f'dtype {dtype}: {why}')
+autocast = autocast_for(device, dtype)  # master weights stay fp32
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')  # fp16 gradients underflow unscaled
+
+
 # ----- encoders, model, optimiser, EMA
-frozen_dtype = torch.float32 if dtype == 'float32' else getattr(torch, dtype)  # frozen encoders: no fp32 masters
+frozen_dtype = torch.bfloat16 if dtype == 'bfloat16' else torch.float32  # no fp32 masters; SD VAEs overflow in fp16
 text_enc = load_text_encoder(text_encoder, text_max_length, text_layer).to(device, frozen_dtype)
 vae_model = load_vae(vae, vae_subfolder).to(device, frozen_dtype)
 if image_size % vae_model.factor:
     sys.exit(f'config error: image_size {image_size} is not a multiple of the VAE downsampling {vae_model.factor}')
 grid = image_size // vae_model.factor
 raw_model = DiT(model, vae_model.channels, text_enc.dim, grid, attn_impl, grad_checkpointing).to(device)
+stream_encodes = dataset == 'laion' and vae != ''  # LaionStream gives cached latents (and with cache_text, embeddings)
 if dataset == 'shapes':
-    stream = data.ShapesStream(batch_size, image_size, seed, rank, pin_memory=device_type == 'cuda')
+    stream = shapes.ShapesStream(batch_size, image_size, seed, rank, pin_memory=device_type == 'cuda')
 elif dataset == 'laion':
     stream = data.LaionStream(
         data_shards, batch_size, image_size, seed, rank, world, data_workers, pin_memory=device_type == 'cuda',
+        vae=vae_model if stream_encodes else None, text_encoder=text_enc if stream_encodes and cache_text else None,
+        cache_tag=f'{vae}/{vae_subfolder}' + (f'|{text_encoder}/{text_max_length}/{text_layer}' if cache_text else ''),
         fetch_threads=fetch_threads, fetch_timeout=fetch_timeout, max_image_bytes=max_image_bytes,
         max_image_pixels=max_image_pixels, min_image_size=min_image_size, random_crop=random_crop,
         random_flip=random_flip, cache_dir=cache_dir, cache_bytes=int(cache_gb * 2 ** 30),
@@ -198,6 +207,8 @@ full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # one plain for
 ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())  # fixed once sharded
 if init_from == 'resume':  # after sharding: the optimizer state follows the parameters' placement
     set_optimizer_state_dict(raw_model, optimizer, ckpt['optimizer'], options=full)
+    if ckpt.get('scaler') and scaler.is_enabled():
+        scaler.load_state_dict(ckpt['scaler'])
     log(f'resumed from {ckpt_path} at step {step}')
     del ckpt
 log(f'{model}: {raw_model.num_params() / 1e6:.2f}M parameters, {grid}x{grid}x{vae_model.channels} latents, '
@@ -227,7 +238,8 @@ def save_checkpoint():
     # every rank takes part: under FSDP gathering the full state dicts is collective
     ckpt = dict(model=get_model_state_dict(raw_model, options=full), ema=get_model_state_dict(ema, options=full),
                 optimizer=get_optimizer_state_dict(raw_model, optimizer, options=full), step=step, config=config,
-                data=states, in_channels=vae_model.channels, caption_dim=text_enc.dim, grid=grid)
+                scaler=scaler.state_dict(), data=states, in_channels=vae_model.channels, caption_dim=text_enc.dim,
+                grid=grid)
     if master:
         os.makedirs(out_dir, exist_ok=True)
         torch.save(ckpt, ckpt_path + '.tmp')
@@ -249,18 +261,23 @@ n_bins = 4
 loss_sum = torch.zeros((), device=device)
 bin_sum, bin_count = torch.zeros(n_bins, device=device), torch.zeros(n_bins, device=device)
 t_begin, t_last, step_start, images_seen = time.time(), time.time(), step, 0
-last_counts = 0
+last_counts, data_wait = 0, 0.0
 gen = torch.Generator(device)
 while step < max_iters:
-    images, captions = next(stream)
+    t_wait = time.time()
+    images, captions = next(stream)  # latents and maybe caption embeddings where the stream encodes (LaionStream)
+    data_wait += time.time() - t_wait
     gen.manual_seed(seed + 1_000_003 * rank + 7_919 * step)
-    x = images.to(device, non_blocking=True).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
     with torch.no_grad(), autocast:
-        z0 = vae_model.encode(x).float()  # (B, C, grid, grid)
-        ctx = to_device(text_enc(captions), device)  # (B, L, D)
-    drop = torch.rand(len(captions), generator=gen, device=device) < cond_drop
+        if stream_encodes:
+            z0 = images  # (B, C, grid, grid)
+        else:
+            z0 = vae_model.encode(images.to(device, non_blocking=True).float() / 127.5 - 1).float()  # pixels in [-1, 1]
+        ctx = captions if torch.is_tensor(captions) else to_device(text_enc(captions), device)  # (B, L, D)
+    B = len(z0)
+    drop = torch.rand(B, generator=gen, device=device) < cond_drop
     ctx = torch.where(drop[:, None, None], uncond, ctx)
-    t = flow.sample_t(len(captions), t_sampling, t_mean, t_std, gen, device)
+    t = flow.sample_t(B, t_sampling, t_mean, t_std, gen, device)
     noise = torch.randn(z0.shape, generator=gen, device=device)
     for group in optimizer.param_groups:
         group['lr'] = lr_at(step)
@@ -268,10 +285,12 @@ while step < max_iters:
         per_sample = flow.loss(net, z0, t, ctx, noise)
     loss = per_sample.mean()
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler.scale(loss).backward()  # with fp32 or bf16 the scaler is off: plain backward and step
     if grad_clip > 0:
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
     decay = min(ema_decay, (1 + step) / (10 + step)) if ema_warmup else ema_decay
     with torch.no_grad():
         torch._foreach_lerp_(ema_params, model_params, 1 - decay)
@@ -281,7 +300,7 @@ while step < max_iters:
     b = (t * n_bins).long().clamp(max=n_bins - 1)
     bin_sum.index_add_(0, b, per_sample.detach())
     bin_count.index_add_(0, b, torch.ones_like(per_sample))
-    images_seen += len(captions) * world
+    images_seen += B * world
     if step % log_interval == 0 or step == max_iters:
         stats = torch.cat([loss_sum.view(1), bin_sum, bin_count])
         if ddp:
@@ -305,10 +324,11 @@ while step < max_iters:
             new, last_counts = counts - last_counts, counts
             served, fails = new[0].item(), {r: int(n) for r, n in zip(data.REASONS, new[2:].tolist()) if n}
             failed = sum(fails.values())
-            log(f'  data: {served:.0f} served | cache hits {new[1].item() / max(served, 1):.0%} | failed '
+            log(f'  data: {served:.0f} served | cache hits {new[1].item() / max(served, 1):.0%} | '
+                f'wait {1000 * data_wait / n_steps:.0f} ms/step ({data_wait / dt:.0%}) | failed '
                 f"{failed / max(served + failed, 1):.0%} ({', '.join(f'{r} {n}' for r, n in fails.items()) or 'none'})")
         loss_sum.zero_()
-        t_last, images_seen = time.time(), 0
+        t_last, images_seen, data_wait = time.time(), 0, 0.0
     if step % ckpt_interval == 0 or step == max_iters:
         save_checkpoint()
     if sample_interval and (step % sample_interval == 0 or step == max_iters):

@@ -16,7 +16,7 @@ TINY = ['--model=DiT-Ti/4', '--image_size=16', '--batch_size=8', '--text_max_len
 def run(args, check=True, timeout=300, **kw):
     """Run a command from the repository root; on failure show what it printed."""
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
-    p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, **kw)
+    p = subprocess.run(args, cwd=kw.pop('cwd', ROOT), capture_output=True, text=True, timeout=timeout, env=env, **kw)
     if check and p.returncode != 0:
         pytest.fail(f'{args} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}')
     return p
@@ -34,3 +34,15 @@ def randomize(model, seed=0):
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     return model
+
+
+def tiny_vae(path, **config):
+    """A diffusers AutoencoderKL small enough for a CPU test (factor 2, 4 latent channels), saved where users' VAEs
+    would be loaded from."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',) * 2,
+                        up_block_types=('UpDecoderBlock2D',) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        layers_per_block=1, norm_num_groups=4, sample_size=16, **config)
+    vae.save_pretrained(path)
+    return str(path)

@@ -8,11 +8,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
+import shapes  # noqa: E402
 import flow  # noqa: E402
 
 record = {'captions': [], 'loss': [], 'weights': []}
-next_batch, loss, step = data.ShapesStream.__next__, flow.loss, torch.optim.AdamW.step
+next_batch, loss, step = shapes.ShapesStream.__next__, flow.loss, torch.optim.AdamW.step
 
 
 def probe_next(self):
@@ -33,7 +33,7 @@ def probe_step(self, *args, **kw):
     return out
 
 
-data.ShapesStream.__next__, flow.loss, torch.optim.AdamW.step = probe_next, probe_loss, probe_step
+shapes.ShapesStream.__next__, flow.loss, torch.optim.AdamW.step = probe_next, probe_loss, probe_step
 out_dir = sys.argv[1]
 sys.argv = ['train.py'] + sys.argv[2:]
 runpy.run_path('train.py', run_name='__main__')

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-import data
-from conftest import run
+import shapes
+from conftest import run, tiny_vae
 from model import DiT, load_text_encoder, load_vae
 
 PROMPTS = ['large red circle in the center, blue background', 'small white square at the top, black background', '']
@@ -16,13 +16,12 @@ PROMPTS = ['large red circle in the center, blue background', 'small white squar
 
 @pytest.fixture(scope='module')
 def hub(tmp_path_factory):
-    from diffusers import AutoencoderKL
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (CLIPConfig, CLIPModel, PreTrainedTokenizerFast, Qwen3Config, Qwen3Model, T5Config,
                               T5EncoderModel)
     root = tmp_path_factory.mktemp('hub')
-    words = ['[PAD]', '[UNK]', '[BOS]', '[EOS]'] + sorted({w for s in data.all_scenes()
-                                                          for w in data.CAPTION.format(**s).replace(',', '').split()})
+    words = ['[PAD]', '[UNK]', '[BOS]', '[EOS]'] + sorted({w for s in shapes.all_scenes()
+                                                          for w in shapes.CAPTION.format(**s).replace(',', '').split()})
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token='[UNK]'))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token='[PAD]', unk_token='[UNK]', bos_token='[BOS]',
@@ -43,10 +42,7 @@ def hub(tmp_path_factory):
     for name, model in encoders.items():
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',) * 2,
-                        up_block_types=('UpDecoderBlock2D',) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        layers_per_block=1, norm_num_groups=4, sample_size=16, scaling_factor=0.5, shift_factor=0.1)
-    vae.save_pretrained(root / 'vae')
+    tiny_vae(root / 'vae', scaling_factor=0.5, shift_factor=0.1)
     return root
 
 

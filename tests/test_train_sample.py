@@ -1,5 +1,6 @@
 """train.py and sample.py run for real, as subprocesses, on tiny settings."""
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, logged_losses, run
+from conftest import ROOT, TINY, logged_losses, run
 
 
 def train(out_dir, *extra):
@@ -106,3 +107,17 @@ def test_every_shipped_config_is_valid(tmp_path):
         p = run([sys.executable, 'train.py', f'config/{name}', *TINY, '--dataset=shapes', '--vae=', '--text_encoder=hash',
                  '--dtype=float32', '--compile=False', '--max_iters=0', f'--out_dir={tmp_path}'])
         assert 'parameters' in p.stdout, name
+
+
+def test_plain_sample_finds_the_run_just_trained(trained, tmp_path):
+    out, _ = trained
+    sample = [sys.executable, os.path.join(ROOT, 'sample.py'), '--prompt', 'small red circle on the left, blue background',
+              '--n', '1', '--steps', '2', '--device=cpu']
+    one_line_error(run(sample, check=False, cwd=tmp_path), 'no checkpoint', 'train one first')
+    (tmp_path / 'out-shapes').mkdir()
+    shutil.copy(out / 'ckpt.pt', tmp_path / 'out-shapes' / 'ckpt.pt')
+    p = run(sample, cwd=tmp_path)
+    assert 'out-shapes' in p.stdout and (tmp_path / 'samples.png').exists()
+    (tmp_path / 'out').mkdir()
+    shutil.copy(out / 'ckpt.pt', tmp_path / 'out' / 'ckpt.pt')
+    one_line_error(run(sample, check=False, cwd=tmp_path), 'several runs', 'out-shapes', '--out_dir')

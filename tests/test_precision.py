@@ -1,0 +1,60 @@
+"""dtype='auto': the fastest safe precision for the hardware, chosen from what it reports."""
+import sys
+
+import pytest
+import torch
+
+import model
+from conftest import TINY, logged_losses, run
+
+AVX2_EPYC = {'fpu', 'sse2', 'avx', 'avx2', 'fma', 'f16c'}  # no AVX512: bf16 would be emulated, ~20x slower
+SKYLAKE_X = AVX2_EPYC | {'avx512f', 'avx512bw', 'avx512vl', 'avx512dq'}  # AVX512, still no bf16 instructions
+SAPPHIRE_RAPIDS = SKYLAKE_X | {'avx512_bf16', 'amx_bf16', 'amx_tile'}
+GRAVITON3 = {'fp', 'asimd', 'sve', 'bf16', 'i8mm'}  # ARM's /proc/cpuinfo 'Features'
+
+
+@pytest.mark.parametrize('device, gpu_bf16, flags, expected', [
+    ('cuda', True, (), 'bfloat16'),  # Ampere and later
+    ('cuda', False, (), 'float16'),  # V100, T4: fp16 with a gradient scaler
+    ('cpu', False, SAPPHIRE_RAPIDS, 'bfloat16'),
+    ('cpu', False, SAPPHIRE_RAPIDS - {'amx_bf16'}, 'bfloat16'),  # AVX512-BF16 alone
+    ('cpu', False, GRAVITON3, 'bfloat16'),
+    ('cpu', False, SKYLAKE_X, 'float32'),
+    ('cpu', False, AVX2_EPYC, 'float32'),
+    ('cpu', False, set(), 'float32'),  # no /proc/cpuinfo: nothing known, nothing risked
+    ('mps', False, (), 'float32'),
+])
+def test_choose_dtype_every_branch(device, gpu_bf16, flags, expected):
+    dtype, why = model.choose_dtype(device, gpu_bf16, flags)
+    assert dtype == expected and why
+
+
+def test_explicit_dtype_wins_and_typos_are_one_line_errors(monkeypatch):
+    monkeypatch.setattr(model, 'cpu_flags', lambda: AVX2_EPYC)
+    assert model.resolve_dtype('auto', 'cpu')[0] == 'float32'
+    assert model.resolve_dtype('bfloat16', 'cpu') == ('bfloat16', 'set explicitly')
+    monkeypatch.setattr(model, 'cpu_flags', lambda: SAPPHIRE_RAPIDS)
+    assert model.resolve_dtype('auto', 'cpu')[0] == 'bfloat16'
+    assert model.resolve_dtype('float32', 'cpu')[0] == 'float32'
+    with pytest.raises(SystemExit, match='dtype must be'):
+        model.resolve_dtype('bf16', 'cpu')
+
+
+def test_the_default_config_needs_no_native_bf16(monkeypatch, tmp_path):
+    scope = {}
+    exec(open('config/shapes.py').read(), scope)
+    monkeypatch.setattr(model, 'cpu_flags', lambda: AVX2_EPYC)
+    assert model.resolve_dtype(scope.get('dtype', 'auto'), 'cpu')[0] == 'float32'
+    monkeypatch.undo()  # and train.py says first what it chose and why, on this machine
+    p = run([sys.executable, 'train.py', 'config/shapes.py', *TINY, '--max_iters=0', f'--out_dir={tmp_path}'])
+    first = p.stdout.splitlines()[0]
+    assert first == 'dtype {}: {}'.format(*model.resolve_dtype('auto', 'cpu')), first
+
+
+def test_fp16_trains_with_a_gradient_scaler_and_resumes(tmp_path):
+    run([sys.executable, 'train.py', *TINY, '--dtype=float16', '--max_iters=2', f'--out_dir={tmp_path}'])
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['scaler']['scale'] > 1  # the scaler ran and its state is in the checkpoint
+    p = run([sys.executable, 'train.py', *TINY, '--dtype=float16', '--max_iters=4', f'--out_dir={tmp_path}',
+             '--init_from=resume'])
+    assert sorted(logged_losses(p.stdout)) == [3, 4]
