@@ -195,7 +195,7 @@ class LaionShards(torch.utils.data.IterableDataset):
         """The cache key: the sample, the size, and the encoders that made its latents (none for pixels)."""
         return f"{row.get('url') or row['key']}|{self.size}{self.latent_tag}"
 
-    def lookup(self, row, rng):
+    def lookup(self, row, u):
         """A cached row's item, a Skip if it is known to fail, None if the cache lacks it. Run inline: a hit is a
         read from RAM, no work for a thread."""
         try:
@@ -203,12 +203,12 @@ class LaionShards(torch.utils.data.IterableDataset):
         except Skip as e:
             return e
         if hit is None or not self.latent_tag:
-            return hit if hit is None else self.crop(hit, rng)
+            return hit if hit is None else self.crop(hit, u)
         latents, *text = hit  # latents (1 or 2 with the flip, C, h, w)
-        flip = self.o['random_flip'] and rng.random() < 0.5  # the first draw, as in crop()
+        flip = self.o['random_flip'] and u[0] < 0.5  # as crop() decides it
         return 'hit', torch.from_numpy(latents[int(flip)].copy()), torch.from_numpy(text[0].copy()) if text else None
 
-    def load(self, row, rng):
+    def load(self, row, u):
         """A row the cache lacks: fetched or read from its tar, decoded, cropped, cached (as pixels, or, for latents,
         by LaionStream once encoded). Skip on failure, remembered in the cache."""
         key, o = self.key(row), self.o
@@ -227,15 +227,16 @@ class LaionShards(torch.utils.data.IterableDataset):
             raise
         if not self.latent_tag:
             self.cache.put(key, img)
-            return self.crop(img, rng)
-        return 'miss', self.crop(img, rng, flip_it=False), key
+            return self.crop(img, u)
+        return 'miss', self.crop(img, u, flip_it=False), key
 
-    def crop(self, img, rng, flip_it=True):
-        """uint8 (3, S, S) from (h, w, 3): the center or a random crop, flipped at random. flip_it=False returns the
-        flip decision beside the unflipped crop, whose latents are cached for both."""
-        flip = self.o['random_flip'] and rng.random() < 0.5  # drawn first, so a latent hit draws the same
+    def crop(self, img, u, flip_it=True):
+        """uint8 (3, S, S) from (h, w, 3): the center or a random crop, flipped at random; u: the row's 3 uniform
+        draws (flip, y, x). flip_it=False returns the flip decision beside the unflipped crop, whose latents are cached
+        for both."""
+        flip = self.o['random_flip'] and u[0] < 0.5
         h, w = img.shape[:2]
-        y, x = ((rng.integers(0, h - self.size + 1), rng.integers(0, w - self.size + 1)) if self.o['random_crop']
+        y, x = ((int(u[1] * (h - self.size + 1)), int(u[2] * (w - self.size + 1))) if self.o['random_crop']
                 else ((h - self.size) // 2, (w - self.size) // 2))
         img = img[y:y + self.size, x:x + self.size]
         if not flip_it:
@@ -259,13 +260,13 @@ class LaionShards(torch.utils.data.IterableDataset):
         stats, items, captions = dict.fromkeys(COUNTERS, 0), [], []
         while True:
             served_before = stats['served']
-            todo = ((k, row, rng) for k, row, rng in self.rows(epoch, g) if k >= below and k not in done)
+            todo = ((k, row, u) for k, row, u in self.rows(epoch, g) if k >= below and k not in done)
             running, ready = {}, []
             while True:
-                for k, row, rng in todo:  # keep the pool busy; cache hits are ready at once
-                    item = self.lookup(row, rng)
+                for k, row, u in todo:  # keep the pool busy; cache hits are ready at once
+                    item = self.lookup(row, u)
                     if item is None:
-                        running[pool.submit(self.load, row, rng)] = k, row['caption']
+                        running[pool.submit(self.load, row, u)] = k, row['caption']
                     else:
                         ready.append((k, row['caption'], item, True))
                     if len(running) >= 2 * self.o['fetch_threads'] or len(ready) >= self.batch_size:
@@ -310,16 +311,17 @@ class LaionShards(torch.utils.data.IterableDataset):
                 'flip': torch.tensor([i[1][1] for i in misses], dtype=torch.bool), 'keys': [i[2] for i in misses]}
 
     def rows(self, epoch, g):
-        """(k, row, rng) for this worker's rows of an epoch, numbered across its shards (read as reached), so a
+        """(k, row, u) for this worker's rows of an epoch, numbered across its shards (read as reached), so a
         shard's slow stragglers never hold up the next one. A JSON-lines shard is shuffled whole, a tar through a
-        buffer of TAR_SHUFFLE samples (their images are in memory); each row gets its own rng."""
+        buffer of TAR_SHUFFLE samples (their images are in memory). u: the row's random draws, made here in row order,
+        so they do not depend on the order in which fetches complete (a Generator per row would cost 30 us)."""
         k = 0
         for path in self.my_shards(epoch, g):
             sid, is_tar = self.shards.index(path), '.tar' in os.path.basename(path)
             rows = tar_rows(path, self.o['fetch_timeout']) if is_tar else jsonl_rows(path)
-            order = np.random.default_rng([self.seed, epoch, sid])
-            for i, row in shuffled(enumerate(rows), order, TAR_SHUFFLE if is_tar else None):
-                yield k, row, np.random.default_rng([self.seed, epoch, sid, i])
+            order, draws = np.random.default_rng([self.seed, epoch, sid]), np.random.default_rng([self.seed, epoch, sid, 1])
+            for row in shuffled(rows, order, TAR_SHUFFLE if is_tar else None):
+                yield k, row, draws.random(3).tolist()
                 k += 1
 
 

@@ -1,13 +1,15 @@
 """
 Images from the hostile web, for data.py's streamer. Real LAION is hostile (dead links, hangs, HTML named .jpg, pixel
-bombs, hosts that resolve into the training cluster's network), so fetch() has a total deadline and a byte cap and
-reaches public addresses only, and decode() checks untrusted bytes before decoding them. A sample that cannot be used
+bombs, hosts that resolve into the training cluster's network, DNS answers that change between a check and a
+connection), so fetch() has a total deadline and a byte cap and connects only to public addresses it has checked,
+and decode() checks untrusted bytes before decoding them. A sample that cannot be used
 raises Skip(reason), counted under its reason and skipped.
 """
 import io
 import ipaddress
 import re
 import socket
+import threading
 import time
 import urllib.parse
 
@@ -26,20 +28,91 @@ class Skip(Exception):  # a sample that cannot be used; args[0] is one of REASON
     pass
 
 
+POLICY = threading.local()  # fetch() sets allow_private here for the connections its thread opens
+
+
+class CheckedConnection:
+    """Mixed into urllib3's HTTP(S) connections: resolve the host once, refuse the connection when any of its
+    addresses is private, loopback or link-local (unless allow_private), and connect to the very address that was
+    checked. A DNS answer that changes afterwards (DNS rebinding) reaches nothing, on every redirect hop and every new
+    connection; a reused connection goes on to the address it was opened to. TLS wraps this socket as usual:
+    certificate and host name are verified against the URL's host."""
+    allow_private = False
+
+    def _new_conn(self):
+        try:
+            infos = socket.getaddrinfo(self._dns_host, self.port, 0, socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError):
+            raise Skip('connection')  # not retried: a dead domain stays dead
+        if not self.allow_private and any(not ipaddress.ip_address(i[4][0].split('%')[0]).is_global for i in infos):
+            raise Skip('private_address')
+        error = None
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                for option in self.socket_options or ():
+                    sock.setsockopt(*option)
+                if isinstance(self.timeout, (int, float)):
+                    sock.settimeout(self.timeout)
+                sock.connect(address)  # the checked address itself: no second lookup
+                return sock
+            except OSError as e:
+                sock.close()
+                error = e
+        if isinstance(error, TimeoutError):
+            raise urllib3.exceptions.ConnectTimeoutError(self, f'connecting to {self.host} timed out')
+        raise urllib3.exceptions.NewConnectionError(self, f'failed to connect to {self.host}: {error}')
+
+
+class CheckedAdapter(HTTPAdapter):
+    """requests' adapter over CheckedConnection, with a pool manager per policy, so that a connection opened to a
+    private address where that was allowed is never reused where it is not."""
+
+    def init_poolmanager(self, connections, maxsize, block=False, **kw):
+        self.managers = [urllib3.PoolManager(num_pools=connections, maxsize=maxsize, block=block, **kw)
+                         for _ in range(2)]
+        for allow, manager in enumerate(self.managers):
+            manager.pool_classes_by_scheme = {
+                scheme: type(pool.__name__, (pool,), {'ConnectionCls': type(
+                    'Checked' + pool.ConnectionCls.__name__, (CheckedConnection, pool.ConnectionCls),
+                    {'allow_private': bool(allow)})})
+                for scheme, pool in manager.pool_classes_by_scheme.items()}
+        self.poolmanager = self.managers[0]
+
+    def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
+        # no proxies: every connection is one this process checked
+        host, pool_kwargs = self.build_connection_pool_key_attributes(request, verify, cert)
+        return self.managers[getattr(POLICY, 'allow_private', False)].connection_from_host(**host,
+                                                                                           pool_kwargs=pool_kwargs)
+
+
+def session(threads):
+    """Connections reused across fetches, each checked when opened; retries with backoff for 429, 5xx and failed
+    connects only (a read timeout is a hang: not retried), never honouring a Retry-After that would stall the
+    stream."""
+    s = requests.Session()
+    s.trust_env = False  # no proxies from the environment: the address check must see the real peer
+    retry = Retry(total=2, connect=2, read=False, redirect=0, status=2, status_forcelist=(429, 500, 502, 503, 504),
+                  backoff_factor=0.25, backoff_max=1.0, respect_retry_after_header=False, raise_on_status=False)
+    for prefix in ('http://', 'https://'):
+        s.mount(prefix, CheckedAdapter(max_retries=retry, pool_maxsize=threads))
+    s.headers['User-Agent'] = 'flowdit/1.0 (image-text research; honours X-Robots-Tag noai)'
+    return s
+
+
 def fetch(session, url, deadline, max_bytes, allow_private, honor_robots, max_redirects=5):
-    """The body of url within `deadline` seconds in all (a hang or a slow drip is cut off), or Skip(reason)."""
+    """The body of url within `deadline` seconds in all (a hang or a slow drip is cut off), or Skip(reason). The
+    connection checks the address it connects to (CheckedConnection); a session that is not session()'s gets its
+    adapters."""
+    if not isinstance(session.get_adapter('https://'), CheckedAdapter):
+        for prefix in ('http://', 'https://'):
+            session.mount(prefix, CheckedAdapter())
+    POLICY.allow_private = allow_private
     end = time.monotonic() + deadline
     for _ in range(max_redirects + 1):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ('http', 'https') or not parts.hostname:
             raise Skip('bad_url')
-        if not allow_private:  # refuse addresses inside the training cluster's network
-            try:
-                addrs = {info[4][0] for info in socket.getaddrinfo(parts.hostname, parts.port or 80)}
-            except (socket.gaierror, UnicodeError):
-                raise Skip('connection')
-            if any(not ipaddress.ip_address(a.split('%')[0]).is_global for a in addrs):
-                raise Skip('private_address')
         left = end - time.monotonic()
         if left <= 0:
             raise Skip('timeout')
@@ -50,7 +123,7 @@ def fetch(session, url, deadline, max_bytes, allow_private, honor_robots, max_re
         except (requests.exceptions.RequestException, ValueError):
             raise Skip('connection')
         with r:
-            if r.is_redirect:  # followed by hand, so that every hop's address is checked
+            if r.is_redirect:  # followed by hand, so that every hop's connection is checked
                 url = urllib.parse.urljoin(url, r.headers['location'])
                 continue
             if r.status_code != 200:
@@ -78,18 +151,6 @@ def fetch(session, url, deadline, max_bytes, allow_private, honor_robots, max_re
             except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError):
                 raise Skip('connection')
     raise Skip('redirect_loop')
-
-
-def session(threads):
-    """Connections reused across fetches; retries with backoff for 429, 5xx and failed connects only (a read
-    timeout is a hang: not retried), never honouring a Retry-After that would stall the stream."""
-    s = requests.Session()
-    retry = Retry(total=2, connect=2, read=False, redirect=0, status=2, status_forcelist=(429, 500, 502, 503, 504),
-                  backoff_factor=0.25, backoff_max=1.0, respect_retry_after_header=False, raise_on_status=False)
-    for prefix in ('http://', 'https://'):
-        s.mount(prefix, HTTPAdapter(max_retries=retry, pool_maxsize=threads))
-    s.headers['User-Agent'] = 'flowdit/1.0 (image-text research; honours X-Robots-Tag noai)'
-    return s
 
 
 def decode(content, size, max_pixels, min_size):

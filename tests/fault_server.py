@@ -83,8 +83,9 @@ def redirect(to):
     return route
 
 
-def start(routes):
-    """Serve routes on a free loopback port; returns (base_url, hits per path, server)."""
+def start(routes, tls=None):
+    """Serve routes on a free loopback port; returns (base_url, hits per path, server). tls: an ssl.SSLContext to
+    serve https with."""
     hits = collections.Counter()
 
     class Handler(BaseHTTPRequestHandler):
@@ -109,5 +110,7 @@ def start(routes):
     server = ThreadingHTTPServer(('127.0.0.1', 0), Handler)
     server.daemon_threads = True
     server.handle_error = lambda request, address: None  # clients hanging up mid-request is what the faults test
+    if tls:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f'http://127.0.0.1:{server.server_address[1]}', hits, server
+    return f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}", hits, server
