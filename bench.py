@@ -6,6 +6,7 @@ Benchmarks: scripts that print numbers (not tests).
     python bench.py sample --model DiT-B/2 --res 256 --batch 64 --steps 28 --cfg 4
     python bench.py stream --n 1000                                                # the LAION streamer's sources
     python bench.py latent --model DiT-S/2 --res 64 --batch 8                      # the latent cache in a step
+    python bench.py prepare --rows 2000000                                         # prepare_laion.py at scale
 
 train: a training step (forward, backward, AdamW) of flowdit's DiT and of diffusers' SD3Transformer2DModel built to
 the same width, depth, heads, patch, image tokens and caption length, on the same batch, dtype and inputs (--dtype
@@ -15,6 +16,7 @@ stream: N web-photo-like JPEGs; one streamer worker's samples/s from URLs on a l
 (clean, and with 30% dead and 5% stalled links), from a local tar shard, and from the RAM cache (pixels, latents),
 next to the decode + resize rate of the same files on one core.
 latent: a training step fed pre-made latents, the stream's warm latent cache, or pixels encoded by the VAE.
+prepare: prepare_laion.py's rows/s and peak memory over generated parquet files.
 """
 import argparse
 import io
@@ -300,6 +302,46 @@ def bench_latent(a):
         print(f'{name:24s} {np.median(ts) * 1e3:9.1f} ms/step  ({np.median(ts) / base:.3f} x pre-made)')
 
 
+def bench_prepare(a):
+    """prepare_laion.py over generated Re-LAION-like parquet files (2% of the URLs repeated, mostly from other files):
+    rows/s per process and peak memory at a quarter of --rows and at --rows, with the same rows per file (a row group)
+    and per output shard, and the disk its output takes."""
+    import resource
+    import subprocess
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        for rows in (a.rows // 4, a.rows):
+            folder = os.path.join(tmp, f'in{rows}')
+            os.makedirs(folder)
+            files, per_file = max(1, rows // a.rows_per_file), min(rows, a.rows_per_file)
+            for i in range(files):
+                ids = np.arange(i * per_file, (i + 1) * per_file)
+                again = rng.random(per_file) < 0.02
+                ids[again] = rng.integers(0, rows, again.sum())  # URLs of other files, or of this one
+                pq.write_table(pa.table({
+                    'url': [f'https://img{j % 997}.example.com/photos/{j}/full-size.jpg' for j in ids],
+                    'caption': [f'a photograph of item {j}, taken outdoors in the afternoon light' for j in ids],
+                    'original_width': rng.integers(200, 2000, per_file), 'original_height': rng.integers(200, 2000, per_file),
+                    'punsafe': rng.random(per_file) * 0.2, 'pwatermark': rng.random(per_file),
+                    'similarity': rng.random(per_file) * 0.4}), os.path.join(folder, f'{i:05d}.parquet'))
+            out = os.path.join(tmp, f'out{rows}')
+            before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, 'prepare_laion.py', '--input', os.path.join(folder, '*.parquet'), '--out_dir',
+                            out, '--num_shards', str(max(1, rows // a.rows_per_shard)), '--workers', str(a.workers)],
+                           check=True, capture_output=True)
+            dt = time.perf_counter() - t0
+            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+            size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+            kept = json.load(open(os.path.join(out, 'summary.json')))['kept']
+            print(f'{rows:>10,d} rows in {files} files, {max(1, rows // a.rows_per_shard)} shards, {a.workers} '
+                  f'process(es): {dt:6.1f} s, {rows / dt / a.workers:9,.0f} rows/s per process, peak RSS of one '
+                  f'process {max(peak, before) / 1024:6.0f} MB, output {size / kept:.0f} bytes per kept row ({kept:,d} kept)')
+
+
 def device_name(device):
     if device.startswith('cuda'):
         return torch.cuda.get_device_name(device)
@@ -332,6 +374,11 @@ if __name__ == '__main__':
     stream.add_argument('--res', type=int, default=256)
     stream.add_argument('--threads', type=int, default=64)
     stream.add_argument('--timeout', type=float, default=2.0)
+    prep = sub.add_parser('prepare')
+    prep.add_argument('--rows', type=int, default=2_000_000)
+    prep.add_argument('--rows_per_file', type=int, default=250_000)
+    prep.add_argument('--rows_per_shard', type=int, default=50_000)
+    prep.add_argument('--workers', type=int, default=os.cpu_count())
     latent = sub.add_parser('latent')
     latent.add_argument('--model', default='DiT-S/2', choices=list(PRESETS))
     latent.add_argument('--res', type=int, default=64)
@@ -343,4 +390,5 @@ if __name__ == '__main__':
     latent.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16', 'float16'])
     latent.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     a = p.parse_args()
-    {'train': bench_train, 'sample': bench_sample, 'stream': bench_stream, 'latent': bench_latent}[a.what](a)
+    {'train': bench_train, 'sample': bench_sample, 'stream': bench_stream, 'latent': bench_latent,
+     'prepare': bench_prepare}[a.what](a)

@@ -7,12 +7,21 @@ and write N shards of JSON lines {"url", "caption", "width", "height"} (read wit
 
 The default input is Re-LAION-2B-en research-safe (laion/relaion2B-en-research-safe), the release that replaced
 LAION-5B after its withdrawal in December 2023; it is gated on the hub (accept its terms, then `hf auth login`).
-Re-running with the same settings writes the same shards.
+
+Two passes over all cores, in memory bounded by the largest output shard, not by the dataset (a set of 2B URLs alone
+would take well over 100 GB): 1. each parquet file's kept rows go, as JSON lines, to the output shard a hash of their
+URL names, so that all copies of a URL meet in one shard; 2. each shard drops its duplicate URLs (the first in file
+order stays) and is shuffled. The same settings and inputs write the same shards and summary whatever --workers.
+Interrupted, a re-run with the same settings redoes only what is missing: a step's output is written under a
+temporary name and renamed when complete, and out_dir/.work keeps each finished step's counts until the summary.
 """
 import argparse
 import glob
 import json
+import multiprocessing
 import os
+import shutil
+import zlib
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -72,7 +81,78 @@ def keep_mask(t, a, counts):
     return keep
 
 
-def main():
+def write_atomic(path, text):
+    with open(path + '.tmp', 'w') as f:
+        f.write(text)
+    os.replace(path + '.tmp', path)  # a half-written file never has the final name
+
+
+def route(job):
+    """Pass 1 for parquet file i: its kept rows, as JSON lines, to work/file_i/SHARD.jsonl; returns its counts."""
+    i, path, a, work = job
+    done = os.path.join(work, f'file_{i:05d}.json')
+    if os.path.exists(done):
+        return json.load(open(done))
+    folder = os.path.join(work, f'file_{i:05d}')
+    shutil.rmtree(folder, ignore_errors=True)  # the rest of an interrupted attempt
+    os.makedirs(folder)
+    f = pq.ParquetFile(path)
+    cols = resolve(f.schema_arrow.names, path)
+    counts, read = {}, 0
+    for batch in f.iter_batches(batch_size=65536, columns=list(cols.values())):
+        t = {ours: batch.column(theirs).to_numpy(zero_copy_only=False) for ours, theirs in cols.items()}
+        read += len(t['url'])
+        lines = {}
+        for j in np.nonzero(keep_mask(t, a, counts))[0]:
+            url = t['url'][j]
+            row = {'url': url, 'caption': ' '.join(t['caption'][j].split()), 'width': int(t['width'][j]),
+                   'height': int(t['height'][j])}
+            lines.setdefault(zlib.crc32(url.encode()) % a.num_shards, []).append(json.dumps(row, ensure_ascii=False))
+        for s, rows in lines.items():
+            with open(os.path.join(folder, f'{s:05d}.jsonl'), 'a') as out:
+                out.write('\n'.join(rows) + '\n')
+    result = {'read': read, 'dropped': counts}
+    write_atomic(done, json.dumps(result))
+    return result
+
+
+def merge(job):
+    """Pass 2 for output shard s: its rows from every file in file order, each URL's first copy, shuffled."""
+    s, n_files, a, work = job
+    done = os.path.join(work, f'shard_{s:05d}.json')
+    if os.path.exists(done):
+        return json.load(open(done))
+    seen, rows, duplicates = set(), [], 0
+    parts = [os.path.join(work, f'file_{i:05d}', f'{s:05d}.jsonl') for i in range(n_files)]
+    for part in parts:
+        if os.path.exists(part):
+            for line in open(part):
+                url = json.loads(line)['url']
+                if url in seen:
+                    duplicates += 1
+                else:
+                    seen.add(url)
+                    rows.append(line)
+    if rows:
+        order = np.random.default_rng([a.seed, s]).permutation(len(rows))
+        write_atomic(os.path.join(a.out_dir, f'shard_{s:05d}.jsonl'), ''.join(rows[k] for k in order))
+    result = {'kept': len(rows), 'duplicate_url': duplicates}
+    write_atomic(done, json.dumps(result))
+    for part in parts:  # the shard is safe: its parts are not needed again (disk)
+        if os.path.exists(part):
+            os.remove(part)
+    return result
+
+
+def run(fn, jobs, workers, desc):
+    """fn over jobs, in order, on `workers` processes (1: this one)."""
+    if workers == 1:
+        return [fn(job) for job in tqdm(jobs, desc=desc)]
+    with multiprocessing.Pool(workers) as pool:
+        return list(tqdm(pool.imap(fn, jobs), total=len(jobs), desc=desc))
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--input', default='laion/relaion2B-en-research-safe', help='hub dataset id, folder, file or glob')
     p.add_argument('--max_files', type=int, default=0, help='use only the first N parquet files (0: all)')
@@ -87,36 +167,35 @@ def main():
     p.add_argument('--min_caption_len', type=int, default=5, help='characters')
     p.add_argument('--max_caption_len', type=int, default=1000)
     p.add_argument('--seed', type=int, default=0)
-    a = p.parse_args()
+    p.add_argument('--workers', type=int, default=os.cpu_count(), help='processes (the output does not depend on it)')
+    a = p.parse_args(argv)
 
-    rows, seen, counts, read = [], set(), {}, 0
-    for path in input_files(a.input, a.max_files):
-        f = pq.ParquetFile(path)
-        cols = resolve(f.schema_arrow.names, path)
-        for batch in tqdm(f.iter_batches(batch_size=65536, columns=list(cols.values())), desc=os.path.basename(path),
-                          total=f.metadata.num_row_groups):
-            t = {ours: batch.column(theirs).to_numpy(zero_copy_only=False) for ours, theirs in cols.items()}
-            read += len(t['url'])
-            for i in np.nonzero(keep_mask(t, a, counts))[0]:
-                url = t['url'][i]
-                if url in seen:
-                    counts['duplicate_url'] = counts.get('duplicate_url', 0) + 1
-                    continue
-                seen.add(url)
-                rows.append({'url': url, 'caption': ' '.join(t['caption'][i].split()),
-                             'width': int(t['width'][i]), 'height': int(t['height'][i])})
-    if not rows:
+    settings = {k: v for k, v in vars(a).items() if k not in ('workers', 'out_dir')}  # what decides the output
+    files = input_files(a.input, a.max_files)
+    for f in files:  # a missing column is a one-line error now, not in a worker process
+        resolve(pq.read_schema(f).names, f)
+    work = os.path.join(a.out_dir, '.work')
+    os.makedirs(work, exist_ok=True)
+    marker = os.path.join(work, 'settings.json')
+    if os.path.exists(marker) and json.load(open(marker)) != {**settings, 'files': files}:
+        raise SystemExit(f'error: {a.out_dir} holds an unfinished run with other settings or inputs: '
+                         f'finish it, or delete {work}')
+    write_atomic(marker, json.dumps({**settings, 'files': files}))
+    routed = run(route, [(i, f, a, work) for i, f in enumerate(files)], a.workers, 'pass 1: filter and route')
+    merged = run(merge, [(s, len(files), a, work) for s in range(a.num_shards)], a.workers, 'pass 2: dedup, shuffle')
+    counts = {}
+    for r in routed:
+        for reason, n in r['dropped'].items():
+            counts[reason] = counts.get(reason, 0) + n
+    counts['duplicate_url'] = sum(m['duplicate_url'] for m in merged)
+    read, kept = sum(r['read'] for r in routed), sum(m['kept'] for m in merged)
+    if not kept:
         raise SystemExit(f'error: no row passed the filters ({read} read; dropped: {counts})')
-    order = np.random.default_rng(a.seed).permutation(len(rows))
-    os.makedirs(a.out_dir, exist_ok=True)
-    n = min(a.num_shards, len(rows))
-    for s in tqdm(range(n), desc='write shards'):
-        with open(os.path.join(a.out_dir, f'shard_{s:05d}.jsonl'), 'w') as out:
-            out.writelines(json.dumps(rows[i], ensure_ascii=False) + '\n' for i in order[s::n])
-    summary = {'read': read, 'kept': len(rows), 'dropped': counts, 'shards': n, 'settings': vars(a)}
-    with open(os.path.join(a.out_dir, 'summary.json'), 'w') as out:
-        json.dump(summary, out, indent=1)
-    print(f"read {read} rows, kept {len(rows)} in {n} shards under {a.out_dir}; dropped: "
+    summary = {'read': read, 'kept': kept, 'dropped': counts, 'shards': sum(m['kept'] > 0 for m in merged),
+               'settings': settings}
+    write_atomic(os.path.join(a.out_dir, 'summary.json'), json.dumps(summary, indent=1))
+    shutil.rmtree(work)
+    print(f"read {read} rows, kept {kept} in {summary['shards']} shards under {a.out_dir}; dropped: "
           + (', '.join(f'{k} {v}' for k, v in counts.items() if v) or 'none'))
 
 
