@@ -269,10 +269,13 @@ def bench_latent(a):
         o = dict(fetch_threads=16, fetch_timeout=10.0, max_image_bytes=16_000_000, max_image_pixels=50_000_000,
                  min_image_size=64, allow_private_urls=True, honor_robots=True, random_crop=False, random_flip=True,
                  cache_dir=os.path.join(tmp, 'cache'), cache_bytes=1 << 34)
-        stream = data.LaionStream(url_shard(tmp, q.get(), len(photos)), a.batch, a.res, 0, 0, 1, a.workers,
-                                  pin_memory=a.device.startswith('cuda'), vae=vae, cache_tag='bench', **o)
+        shard = url_shard(tmp, q.get(), len(photos))
+        make = lambda: data.LaionStream(shard, a.batch, a.res, 0, 0, 1, a.workers,  # noqa: E731
+                                        pin_memory=a.device.startswith('cuda'), vae=vae, cache_tag='bench', **o)
+        first = make()
         for _ in range(4):  # one epoch: every latent encoded and cached
-            premade, _ = next(stream)
+            premade, _ = next(first)
+        stream = make()  # a new stream, as after a restart: its workers prefetched nothing before the cache was warm
         model = DiT(a.model, 4, a.text_dim, a.res // 8).to(a.device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         ctx = torch.randn(a.batch, a.text_len, a.text_dim, device=a.device)
@@ -296,8 +299,9 @@ def bench_latent(a):
                 times[name].append(timed(lambda: train(feed()), a.device))
     proc.terminate()
     base = float(np.median(times['pre-made latents']))
+    served, hits = stream.counters()[:2]
     print(f'{a.model} at {a.res} px, batch {a.batch}, {dtype}, SD-VAE architecture, {a.workers} data worker(s), '
-          f'on {device_name(a.device)}')
+          f'on {device_name(a.device)}; the warm stream served {hits} of {served} samples from the cache')
     for name, ts in times.items():
         print(f'{name:24s} {np.median(ts) * 1e3:9.1f} ms/step  ({np.median(ts) / base:.3f} x pre-made)')
 

@@ -141,8 +141,7 @@ def tar_rows(path, timeout):
                     key, parts = (folder, stem), {}
                 parts[ext.lower()] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, requests.exceptions.RequestException):
-        if parts:  # the last sample read in full may still lack a member: serve what is there
-            yield tar_sample(path, key, parts)
+        # the sample being read may lack members: dropped with the rest of the shard
         yield {'key': f'{path}#end', 'caption': '', 'image': None, 'fails': 'bad_shard'}
         return
     if parts:

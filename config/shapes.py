@@ -1,4 +1,4 @@
-# The embedded default: a text-conditioned DiT on 32x32 shapes, trained on a 2-core CPU in 11-14 minutes.
+# The embedded default: a text-conditioned DiT on 32x32 shapes, trained on a 2-core CPU in 9-13 minutes.
 #   python train.py config/shapes.py && python sample.py --prompt "large red circle in the center, blue background"
 # dtype stays 'auto': bf16 where the CPU computes it natively (AVX512-BF16, AMX, ARM bf16), else fp32, as emulated
 # bf16 is ~20x slower.
@@ -8,7 +8,7 @@ image_size = 32
 text_max_length = 8  # every caption of the spec has 8 words
 attn_impl = 'manual'  # the CPU's fused attention kernel is slow backward in bf16 for 72 tokens: +20-30% img/s
 batch_size = 32  # small batches: more updates from the same images, which is what a short run lacks
-max_iters = 1600  # a fixed budget of 51,200 images: 13.3 min at 64 img/s (fp32 on 2 slow cores), 11 min at 76-80
+max_iters = 1400  # a fixed budget of 44,800 images: 12.7 min at 59 img/s (fp32, AVX2 only), 9-10 min at 75-90
 learning_rate = 1e-3  # a small model with AdaLN-Zero takes 10x the DiT paper's rate
 min_lr = 1e-4
 decay_lr = True
@@ -16,4 +16,4 @@ warmup_iters = 100
 ema_decay = 0.998  # averages the last ~500 steps
 log_interval = 50
 ckpt_interval = 500
-sample_interval = 800
+sample_interval = 700

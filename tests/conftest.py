@@ -46,3 +46,11 @@ def tiny_vae(path, **config):
                         layers_per_block=1, norm_num_groups=4, sample_size=16, **config)
     vae.save_pretrained(path)
     return str(path)
+
+
+def stream_options(tmp_path, size, **kw):
+    """LaionShards / LaionStream options for a test: loopback allowed, a cache under tmp_path."""
+    o = dict(fetch_threads=8, fetch_timeout=1.0, max_image_bytes=2_000_000, max_image_pixels=50_000_000,
+             min_image_size=size, allow_private_urls=True, honor_robots=True, random_crop=False, random_flip=False,
+             cache_dir=str(tmp_path / 'cache'), cache_bytes=1 << 30)
+    return {**o, **kw}

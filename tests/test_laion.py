@@ -11,15 +11,13 @@ from PIL import Image
 
 import data
 import fault_server as fs
+from conftest import stream_options
 
 SIZE = 32
 
 
 def options(tmp_path, **kw):
-    o = dict(fetch_threads=8, fetch_timeout=1.0, max_image_bytes=2_000_000, max_image_pixels=50_000_000,
-             min_image_size=SIZE, allow_private_urls=True, honor_robots=True, random_crop=False, random_flip=False,
-             cache_dir=str(tmp_path / 'cache'), cache_bytes=1 << 30)
-    return {**o, **kw}
+    return stream_options(tmp_path, SIZE, **kw)
 
 
 def write_shards(folder, rows, n):

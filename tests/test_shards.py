@@ -10,17 +10,14 @@ import torch
 
 import data
 import fault_server as fs
-from conftest import TINY, logged_losses, run, tiny_vae
+from conftest import TINY, logged_losses, run, stream_options, tiny_vae
 from model import load_vae
 
 SIZE = 16
 
 
 def options(tmp_path, **kw):
-    o = dict(fetch_threads=4, fetch_timeout=2.0, max_image_bytes=2_000_000, max_image_pixels=50_000_000,
-             min_image_size=SIZE, allow_private_urls=True, honor_robots=True, random_crop=False, random_flip=False,
-             cache_dir=str(tmp_path / 'cache'), cache_bytes=1 << 30)
-    return {**o, **kw}
+    return stream_options(tmp_path, SIZE, fetch_timeout=2.0, **kw)
 
 
 def write_tar(path, captions, corrupt=(), truncate_in=None):
