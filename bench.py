@@ -328,22 +328,25 @@ def bench_prepare(a):
                 pq.write_table(pa.table({
                     'url': [f'https://img{j % 997}.example.com/photos/{j}/full-size.jpg' for j in ids],
                     'caption': [f'a photograph of item {j}, taken outdoors in the afternoon light' for j in ids],
-                    'original_width': rng.integers(200, 2000, per_file), 'original_height': rng.integers(200, 2000, per_file),
+                    'original_width': rng.integers(200, 2000, per_file),
+                    'original_height': rng.integers(200, 2000, per_file),
                     'punsafe': rng.random(per_file) * 0.2, 'pwatermark': rng.random(per_file),
                     'similarity': rng.random(per_file) * 0.4}), os.path.join(folder, f'{i:05d}.parquet'))
             out = os.path.join(tmp, f'out{rows}')
             before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, 'prepare_laion.py', '--input', os.path.join(folder, '*.parquet'), '--out_dir',
-                            out, '--num_shards', str(max(1, rows // a.rows_per_shard)), '--workers', str(a.workers)],
+            shards = max(1, rows // a.rows_per_shard)
+            subprocess.run([sys.executable, 'prepare_laion.py', '--input', os.path.join(folder, '*.parquet'),
+                            '--out_dir', out, '--num_shards', str(shards), '--workers', str(a.workers)],
                            check=True, capture_output=True)
             dt = time.perf_counter() - t0
             peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
             kept = json.load(open(os.path.join(out, 'summary.json')))['kept']
-            print(f'{rows:>10,d} rows in {files} files, {max(1, rows // a.rows_per_shard)} shards, {a.workers} '
+            print(f'{rows:>10,d} rows in {files} files, {shards} shards, {a.workers} '
                   f'process(es): {dt:6.1f} s, {rows / dt / a.workers:9,.0f} rows/s per process, peak RSS of one '
-                  f'process {max(peak, before) / 1024:6.0f} MB, output {size / kept:.0f} bytes per kept row ({kept:,d} kept)')
+                  f'process {max(peak, before) / 1024:6.0f} MB, output {size / kept:.0f} bytes per kept row '
+                  f'({kept:,d} kept)')
 
 
 def device_name(device):

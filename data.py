@@ -95,6 +95,7 @@ class Cache:
 # writes them (00000.tar holding 000000000.jpg + .txt + .json), local or over http(s), read as a stream.
 
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
+TAR_SHUFFLE = 256  # samples a tar's shuffle buffer holds, images and all
 
 
 def shard_list(spec):
@@ -245,7 +246,7 @@ class LaionShards(torch.utils.data.IterableDataset):
     def __iter__(self):
         w = getattr(torch.utils.data.get_worker_info(), 'id', 0)
         g = self.rank * self.workers + w  # this worker among all ranks' workers
-        self.cache = Cache(self.o['cache_dir'], self.o['cache_bytes'], local_world() * self.workers,
+        self.cache = Cache(self.o['cache_dir'], self.o['cache_bytes'], LOCAL_WORLD * self.workers,
                            LATENT_SHARE[1] if self.latent_tag else 1.0)  # with latents, workers cache failures only
         self.session = session(self.o['fetch_threads'])
         epoch, below, done = self.positions.get(w, (0, 0, []))
@@ -318,20 +319,16 @@ class LaionShards(torch.utils.data.IterableDataset):
         for path in self.my_shards(epoch, g):
             sid, is_tar = self.shards.index(path), '.tar' in os.path.basename(path)
             rows = tar_rows(path, self.o['fetch_timeout']) if is_tar else jsonl_rows(path)
-            order, draws = np.random.default_rng([self.seed, epoch, sid]), np.random.default_rng([self.seed, epoch, sid, 1])
+            order = np.random.default_rng([self.seed, epoch, sid])
+            draws = np.random.default_rng([self.seed, epoch, sid, 1])
             for row in shuffled(rows, order, TAR_SHUFFLE if is_tar else None):
                 yield k, row, draws.random(3).tolist()
                 k += 1
 
 
-TAR_SHUFFLE = 256
-
 
 LATENT_SHARE = 0.95, 0.05  # of the cache: latents (written by the node's ranks), failed samples (by their workers)
-
-
-def local_world():  # processes on this node
-    return int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+LOCAL_WORLD = int(os.environ.get('LOCAL_WORLD_SIZE', 1))  # processes on this node
 
 
 class LaionStream:
@@ -358,7 +355,7 @@ class LaionStream:
                 persistent_workers=self.workers > 0, prefetch_factor=4 if self.workers else None))
             if self.vae is not None:  # this process writes the latents it encodes
                 o = self.dataset.o
-                self.cache = Cache(o['cache_dir'], o['cache_bytes'], local_world(), LATENT_SHARE[0])
+                self.cache = Cache(o['cache_dir'], o['cache_bytes'], LOCAL_WORLD, LATENT_SHARE[0])
         images, captions, w, self.dataset.positions[w], self.stats[w] = next(self.loader)
         return (images, captions) if self.vae is None else self.encode(images, captions)
 

@@ -40,7 +40,8 @@ def cpu_flags():
     """The CPU's feature flags as Linux lists them (x86 'flags', ARM 'Features'); empty without /proc/cpuinfo."""
     try:
         with open('/proc/cpuinfo') as f:
-            return {flag for line in f if line.startswith(('flags', 'Features')) for flag in line.split(':', 1)[1].split()}
+            return {flag for line in f if line.startswith(('flags', 'Features'))
+                    for flag in line.split(':', 1)[1].split()}
     except OSError:
         return set()
 

@@ -42,7 +42,7 @@ sample_prompts = ('large red circle in the center, blue background|small yellow 
 # ----- data
 dataset = 'shapes'  # 'shapes' (embedded, drawn on the fly) or 'laion' (URL shards written by prepare_laion.py)
 image_size = 32
-data_shards = 'laion-shards/shard_*.jsonl'  # laion: JSON-lines (prepare_laion.py) or tar shards: glob, {0..9} range, URL
+data_shards = 'laion-shards/shard_*.jsonl'  # laion: JSON lines (prepare_laion.py) or tars: glob, {0..9}, URL
 data_workers = 4  # laion: DataLoader worker processes per rank
 fetch_threads = 16  # laion: concurrent fetches per worker
 fetch_timeout = 10.0  # laion: seconds per image, all included (a slow drip is cut off)
@@ -90,7 +90,7 @@ sample_cfg = 4.0
 # ----- system
 seed = 0
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'auto'  # autocast: 'auto' picks the fastest safe one here (model.choose_dtype), else float32 / bfloat16 / float16
+dtype = 'auto'  # autocast: the fastest safe one here (model.choose_dtype), or float32 / bfloat16 / float16
 compile = torch.cuda.is_available()
 
 
