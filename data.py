@@ -377,16 +377,12 @@ class LaionStream:
                 self.cache.put(key, arrays=[lat_np[i]] + ([txt_np[i]] if txt is not None else []))
             z.append(lat[torch.arange(len(miss)), b['flip'].long().to(device) if views == 2 else 0])
             ctx.append(txt)
-        order = torch.cat([b['hit'].nonzero()[:, 0], (~b['hit']).nonzero()[:, 0]])  # where hits, then misses, belong
-        z_all = torch.cat([t.to(device, non_blocking=True) for t in z if t is not None])
-        z_out = torch.empty_like(z_all)
-        z_out[order.to(device)] = z_all
-        if self.text_encoder is None:
-            return z_out.float(), captions
-        c_all = torch.cat([t.to(device, non_blocking=True) for t in ctx if t is not None])
-        c_out = torch.empty_like(c_all)
-        c_out[order.to(device)] = c_all
-        return z_out.float(), c_out.float()
+        order = torch.cat([b['hit'].nonzero()[:, 0], (~b['hit']).nonzero()[:, 0]]).to(device)  # hits, then misses
+
+        def in_order(parts):  # hits and misses back in the batch's order, fp32
+            joined = torch.cat([t.to(device, non_blocking=True) for t in parts if t is not None])
+            return torch.empty_like(joined).index_copy_(0, order, joined).float()
+        return in_order(z), captions if self.text_encoder is None else in_order(ctx)
 
     def state_dict(self):
         return {'positions': {w: list(p) for w, p in self.dataset.positions.items()}}
