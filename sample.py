@@ -7,20 +7,25 @@ Generate images from a flowdit checkpoint (the EMA weights).
     python sample.py --prompts_file prompts.txt --cfg 4 --steps 28 --sampler heun --out grid.png
     python sample.py --prompt "..." --init_image photo.png --strength 0.6      # image-to-image
     python sample.py --eval                                                    # shapes: prompt adherence
+    python sample.py --out_dir out-laion-b2 --eval --ref coco-val2014.jsonl    # FID, CLIP score
 
 The grid has one row per prompt, in order, and --n columns, each cell at the model's native resolution.
 Without --out_dir it samples the one run under the current folder (out*/ckpt.pt), and names them if there are several.
 """
 import argparse
 import glob
+import hashlib
+import json
 import os
 import time
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 import flow
+import metrics
 import shapes
 from model import DiT, autocast_for, load_checkpoint, load_text_encoder, load_vae, resolve_dtype
 
@@ -31,14 +36,16 @@ def to_uint8(x):
 
 
 def save_grid(images, rows, path):
-    # images: (rows * cols, H, W, 3) uint8, row-major
+    # images: (rows * cols, H, W, 3) uint8, row-major -> the grid, (rows * H, cols * W, 3), also written to path
     cols = len(images) // rows
     grid = images.reshape(rows, cols, *images.shape[1:]).transpose(0, 2, 1, 3, 4)  # (rows, H, cols, W, 3)
-    Image.fromarray(grid.reshape(rows * images.shape[1], cols * images.shape[2], 3)).save(path)
+    grid = grid.reshape(rows * images.shape[1], cols * images.shape[2], 3)
+    Image.fromarray(grid).save(path)
+    return grid
 
 
 @torch.no_grad()
-def generate(model, text_encoder, vae, prompts, negative_prompt='', steps=28, cfg=4.0, sampler='euler', shift=1.0,
+def generate(model, text_encoder, vae, prompts, steps=28, cfg=4.0, sampler='euler', shift=1.0, negative_prompt='',
              seed=0, init=None, strength=1.0, progress=False):
     """One image per prompt, (B, H, W, 3) uint8. init: optional (B, 3, H, W) pixels in [-1, 1] at the model's image
     size, for image-to-image."""
@@ -82,21 +89,72 @@ def load_for_sampling(out_dir, device, text_encoder=None, vae=None):
                          f'the ones given have width {te.dim} and {ae.channels} channels')
     model = DiT(cfg['model'], ckpt['in_channels'], ckpt['caption_dim'], ckpt['grid'], cfg['attn_impl'])
     model.load_state_dict(ckpt['ema'])
-    return model.to(device).eval(), te.to(device), ae.to(device), cfg
+    return model.to(device).eval(), te.to(device), ae.to(device), cfg, ckpt['step']
 
 
-def evaluate(model, te, vae, args):
-    """Shapes: sample every attribute combination once and read the attributes back from the pixels."""
-    scenes = shapes.all_scenes()[::args.eval_stride]
-    images = []
-    for i in range(0, len(scenes), 256):
-        prompts = [shapes.CAPTION.format(**s) for s in scenes[i:i + 256]]
-        images.append(generate(model, te, vae, prompts, args.negative_prompt, args.steps, args.cfg, args.sampler,
-                               args.shift, args.seed + i))
-        print(f'sampled {i + len(prompts)}/{len(scenes)}', flush=True)
-    scores = shapes.adherence(np.concatenate(images), scenes)
-    print(f'prompt adherence over {len(scenes)} prompts: ' + ', '.join(f'{k} {v:.1%}' for k, v in scores.items()))
-    return scores
+def generate_many(model, text_encoder, vae, prompts, batch, seed, start=0, progress=False, **gen):
+    """One image per prompt, in batches: (index, images) from index `start`. The noise of the batch at index i comes
+    from seed + i, so a rerun (or a resumed run) makes the same images."""
+    for i in tqdm(range(start, len(prompts), batch), disable=not progress, desc='generating'):
+        yield i, generate(model, text_encoder, vae, prompts[i:i + batch], seed=seed + i, **gen)
+
+
+def evaluate_shapes(model, te, vae, scenes, seed, progress=False, **gen):
+    """Shapes: sample each scene once and read its attributes back from the pixels."""
+    prompts = [shapes.CAPTION.format(**s) for s in scenes]
+    images = np.concatenate([im for _, im in generate_many(model, te, vae, prompts, 256, seed, 0, progress, **gen)])
+    return shapes.adherence(images, scenes)
+
+
+def score_images(model, te, vae, scorer, prompts, batch, seed, partial=None, progress=False, save_every=60.0, **gen):
+    """One image per prompt, scored as it comes (metrics.Scorer): a list of its outputs. With `partial`, what is
+    scored is saved there every save_every seconds, and a rerun resumes from it."""
+    parts, start = [], 0
+    if partial and os.path.exists(partial):
+        with np.load(partial) as f:
+            parts, start = [{k: f[k] for k in f.files if k != 'done'}], int(f['done'])
+        print(f'resuming from {partial}: {start} of {len(prompts)} images done')
+    saved = time.time()
+    for i, images in generate_many(model, te, vae, prompts, batch, seed, start, progress, **gen):
+        parts.append(scorer(images, prompts[i:i + batch]))
+        if partial and time.time() - saved >= save_every:
+            parts = [{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}]
+            np.savez(partial + '.tmp.npz', done=i + len(images), **parts[0])
+            os.replace(partial + '.tmp.npz', partial)
+            saved = time.time()
+    return parts
+
+
+def run_eval(model, te, vae, cfg, step, args, gen):
+    """--eval: the checkpoint's metrics, printed and written as JSON beside it."""
+    settings = dict(gen, seed=args.seed)
+    ref = args.ref or cfg.get('eval_ref', '')
+    if ref:
+        scorer = metrics.Scorer(args.fid_model, args.clip_model, args.dino_model, args.device, args.batch)
+        prompts = [row['caption'] for row in metrics.reference_rows(ref, args.eval_n)]
+        reference = scorer.reference(ref, len(prompts), model.grid * vae.factor, cfg['allow_private_urls'])
+        settings.update(ref=ref, n=len(prompts), models=scorer.names)
+        key = json.dumps([metrics.identity(ref), step, settings])
+        partial = os.path.join(args.out_dir, f'eval-{hashlib.sha1(key.encode()).hexdigest()[:12]}.partial.npz')
+        with autocast_for(args.device, args.dtype):
+            parts = score_images(model, te, vae, scorer, prompts, args.batch, args.seed, partial, True, **gen)
+        results = scorer.results(parts, reference)
+        if os.path.exists(partial):
+            os.remove(partial)
+        name = f"eval-{step:06d}-n{len(prompts)}-cfg{gen['cfg']:g}.json"
+    elif cfg['dataset'] == 'shapes':
+        with autocast_for(args.device, args.dtype):
+            results = evaluate_shapes(model, te, vae, shapes.all_scenes()[::args.eval_stride], args.seed, True, **gen)
+        settings['eval_stride'] = args.eval_stride
+        name = f'eval-{step:06d}-shapes.json'
+    else:
+        raise SystemExit('error: --eval of a LAION model needs --ref, image-caption pairs to compare with (README)')
+    print(f'step {step}: ' + ', '.join(f'{k} {v:.4g}' for k, v in results.items()))
+    path = os.path.join(args.out_dir, name)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(dict(step=step, results=results, settings=settings), f, indent=1)
+    os.replace(path + '.tmp', path)
+    print(f'wrote {path}')
 
 
 if __name__ == '__main__':
@@ -104,8 +162,8 @@ if __name__ == '__main__':
     p.add_argument('--prompt', action='append', default=[], help='a prompt; repeat the flag for more rows')
     p.add_argument('--prompts_file', help='a text file with one prompt per line')
     p.add_argument('--n', type=int, default=4, help='samples per prompt (grid columns)')
-    p.add_argument('--steps', type=int, default=28)
-    p.add_argument('--cfg', type=float, default=4.0, help='classifier-free guidance scale (1 = none)')
+    p.add_argument('--steps', type=int, help="sampling steps (default: the checkpoint's sample_steps)")
+    p.add_argument('--cfg', type=float, help="classifier-free guidance scale, 1 = none (default: its sample_cfg)")
     p.add_argument('--sampler', default='euler', choices=['euler', 'heun'])
     p.add_argument('--shift', type=float, default=1.0, help="SD3's time shift (>1: more steps near noise)")
     p.add_argument('--seed', type=int, default=0)
@@ -119,16 +177,27 @@ if __name__ == '__main__':
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--dtype', default='auto', help="autocast: 'auto' (the fastest safe one here), float32, "
                    'bfloat16, float16')
-    p.add_argument('--eval', action='store_true', help='shapes: measure prompt adherence over all attribute combos')
-    p.add_argument('--eval_stride', type=int, default=1, help='with --eval: every k-th combination')
+    e = p.add_argument_group('evaluation (--eval)')
+    e.add_argument('--eval', action='store_true', help='FID, CLIP score (and FD-DINOv2) against --ref; without it, '
+                   'a shapes model\'s prompt adherence. Written to out_dir/eval-*.json')
+    e.add_argument('--eval_stride', type=int, default=1, help='shapes: every k-th attribute combination')
+    e.add_argument('--ref', help="image-caption pairs: a folder, JSON lines or tar shards (default: the run's "
+                   'eval_ref)')
+    e.add_argument('--eval_n', type=int, default=30000, help='prompts (the first of --ref), one image each')
+    e.add_argument('--batch', type=int, default=64, help='images per batch')
+    e.add_argument('--fid_model', default=metrics.INCEPTION, help="Inception for FID: TorchScript URL or path ('' off)")
+    e.add_argument('--clip_model', default=metrics.CLIP, help="CLIP for the CLIP score: hub id or path ('' off)")
+    e.add_argument('--dino_model', default='', help=f'DINOv2 for FD-DINOv2: hub id or path, e.g. {metrics.DINOV2}')
     args = p.parse_args()
 
-    model, te, vae, cfg = load_for_sampling(find_run(args.out_dir), args.device, args.text_encoder, args.vae)
-    dtype, why = resolve_dtype(args.dtype, args.device)
-    print(f'dtype {dtype}: {why}')
+    args.out_dir = find_run(args.out_dir)
+    model, te, vae, cfg, step = load_for_sampling(args.out_dir, args.device, args.text_encoder, args.vae)
+    args.dtype, why = resolve_dtype(args.dtype, args.device)
+    print(f'dtype {args.dtype}: {why}')
+    gen = dict(steps=args.steps or cfg['sample_steps'], cfg=cfg['sample_cfg'] if args.cfg is None else args.cfg,
+               sampler=args.sampler, shift=args.shift, negative_prompt=args.negative_prompt)
     if args.eval:
-        with autocast_for(args.device, dtype):
-            evaluate(model, te, vae, args)
+        run_eval(model, te, vae, cfg, step, args, gen)
         raise SystemExit
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -143,8 +212,8 @@ if __name__ == '__main__':
         img = np.asarray(img, dtype=np.float32) / 127.5 - 1
         init = torch.from_numpy(img).permute(2, 0, 1)[None].expand(len(prompts) * args.n, -1, -1, -1)
     t0 = time.time()
-    with autocast_for(args.device, dtype):
-        images = generate(model, te, vae, [q for q in prompts for _ in range(args.n)], args.negative_prompt, args.steps,
-                          args.cfg, args.sampler, args.shift, args.seed, init, args.strength, progress=True)
+    with autocast_for(args.device, args.dtype):
+        images = generate(model, te, vae, [q for q in prompts for _ in range(args.n)], seed=args.seed, init=init,
+                          strength=args.strength, progress=True, **gen)
     save_grid(images, len(prompts), args.out)
     print(f'wrote {args.out}: {len(prompts)} prompts x {args.n} samples in {time.time() - t0:.1f}s')

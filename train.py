@@ -27,9 +27,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import flow
+import metrics
 import shapes
 from model import DiT, autocast_for, load_checkpoint, load_text_encoder, load_vae, peak_flops, resolve_dtype, to_device
-from sample import generate, save_grid
+from sample import evaluate_shapes, generate, save_grid, score_images
 
 # ----- I/O
 out_dir = 'out'
@@ -37,8 +38,9 @@ init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 log_interval = 10
 ckpt_interval = 500
 sample_interval = 500  # a PNG grid of sample_prompts from the EMA weights; 0 = never
-sample_prompts = ('large red circle in the center, blue background|small yellow triangle on the left, purple background'
-                  '|large white square at the bottom, black background|small green circle at the top, orange background')
+sample_prompts = ('large red circle in the center, blue background|small yellow triangle on the left, purple '
+                  'background|large white square at the bottom, black background|small green circle at the top, '
+                  'orange background')
 # ----- data
 dataset = 'shapes'  # 'shapes' (embedded, drawn on the fly) or 'laion' (URL shards written by prepare_laion.py)
 image_size = 32
@@ -84,9 +86,19 @@ beta2 = 0.999
 grad_clip = 1.0  # 0 = off
 ema_decay = 0.9999
 ema_warmup = True  # decay min(ema_decay, (1 + step) / (10 + step)): short runs get a usable EMA
-# ----- sampling while training
+# ----- sampling, evaluation and curves while training (from the EMA weights)
 sample_steps = 28
 sample_cfg = 4.0
+eval_interval = 0  # steps between evaluations (0 = never): shapes, prompt adherence; laion, FID and CLIP score
+eval_ref = ''  # laion: image-caption pairs, the first eval_n captions the prompts (sample.py --ref)
+eval_n = 1000  # prompts per evaluation, shared out over the ranks
+fid_model = metrics.INCEPTION  # '' leaves a metric out (see metrics.py)
+clip_model = metrics.CLIP
+dino_model = ''  # FD-DINOv2, e.g. 'facebook/dinov2-large'
+tensorboard_log = True  # event files in out_dir: tensorboard --logdir out_dir
+wandb_log = False  # Weights & Biases (pip install wandb)
+wandb_project = 'flowdit'
+wandb_run_name = ''
 # ----- system
 seed = 0
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -211,6 +223,8 @@ if init_from == 'resume':  # after sharding: the optimizer state follows the par
         scaler.load_state_dict(ckpt['scaler'])
     log(f'resumed from {ckpt_path} at step {step}')
     del ckpt
+curves = metrics.Curves(out_dir if tensorboard_log else '', wandb_project if wandb_log else '', wandb_run_name, config,
+                        step) if master else metrics.Curves()  # TensorBoard, W&B: rank 0 only
 log(f'{model}: {raw_model.num_params() / 1e6:.2f}M parameters, {grid}x{grid}x{vae_model.channels} latents, '
     f"{world} process(es){' sharded (FSDP)' if fsdp and ddp else ''}, global batch {batch_size * world}")
 flops_per_image = raw_model.flops_per_image(text_max_length)
@@ -230,11 +244,17 @@ def lr_at(it):
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
+def gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not ddp:
+        return [obj]
+    objs = [None] * world
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
 def save_checkpoint():
-    states = [stream.state_dict()]
-    if ddp:  # every rank's stream position, so each rank resumes its own stream
-        states = [None] * world
-        dist.all_gather_object(states, stream.state_dict())
+    states = gather(stream.state_dict())  # every rank's stream position, so each rank resumes its own stream
     # every rank takes part: under FSDP gathering the full state dicts is collective
     ckpt = dict(model=get_model_state_dict(raw_model, options=full), ema=get_model_state_dict(ema, options=full),
                 optimizer=get_optimizer_state_dict(raw_model, optimizer, options=full), step=step, config=config,
@@ -252,7 +272,34 @@ def write_samples():
         images = generate(ema, text_enc, vae_model, [p for p in prompts for _ in range(4)], steps=sample_steps,
                           cfg=sample_cfg, seed=seed)
     if master:
-        save_grid(images, len(prompts), os.path.join(out_dir, f'samples_{step:06d}.png'))
+        curves(step, {}, save_grid(images, len(prompts), os.path.join(out_dir, f'samples_{step:06d}.png')))
+
+
+if eval_interval:  # every rank makes an equal share of the images: under FSDP each must run as many batches
+    if dataset == 'laion' and not eval_ref:
+        sys.exit('config error: eval_interval needs eval_ref, image-caption pairs to compare with (README)')
+    scorer = metrics.Scorer(fid_model, clip_model, dino_model, device) if dataset == 'laion' else None
+    eval_prompts = ([row['caption'] for row in metrics.reference_rows(eval_ref, eval_n)] if scorer else
+                    shapes.all_scenes()[::max(1, len(shapes.all_scenes()) // eval_n)][:eval_n])  # shapes: scenes
+    reference = scorer and master and scorer.reference(eval_ref, len(eval_prompts), image_size, allow_private_urls)
+    share = len(eval_prompts) // world
+
+
+def evaluate():
+    """The EMA's metrics on eval_n prompts: each rank makes its share of the images, rank 0 puts them together."""
+    t0, mine, gen = time.time(), eval_prompts[rank * share:(rank + 1) * share], dict(steps=sample_steps, cfg=sample_cfg)
+    with autocast:
+        if scorer:
+            mine = score_images(ema, text_enc, vae_model, scorer, mine, 64, seed + rank * share, **gen)
+        else:  # adherence fractions over equal shares: their mean is the whole's
+            mine = evaluate_shapes(ema, text_enc, vae_model, mine, seed + rank * share, **gen)
+    shares = gather(mine)
+    if master:
+        results = scorer.results(sum(shares, []), reference) if scorer else {k: sum(s[k] for s in shares) / world
+                                                                              for k in mine}
+        log(f'eval step {step}: ' + ', '.join(f'{k} {v:.4g}' for k, v in results.items()) +
+            f' ({share * world} prompts, {time.time() - t0:.0f}s)')
+        curves(step, {f'eval/{k}': v for k, v in results.items()})
 
 
 # ----- the loop. Every random draw of a step comes from a generator reseeded by (seed, rank, step): the step is the RNG
@@ -310,12 +357,17 @@ while step < max_iters:
         rate = images_seen / dt
         eta = (max_iters - step) * (time.time() - t_begin) / (step - step_start)
         mfu = f'{flops_per_image * rate / (peak * world):.1%}' if peak else 'n/a'
-        log(f'step {step} | loss {stats[0].item() / world / n_steps:.4f} | lr {lr_at(step - 1):.2e} | '
+        train_loss = stats[0].item() / world / n_steps
+        log(f'step {step} | loss {train_loss:.4f} | lr {lr_at(step - 1):.2e} | '
             f'{rate:.1f} img/s | mfu {mfu} | eta {eta / 60:.1f} min')
+        curves(step, {'train/loss': train_loss, 'train/lr': lr_at(step - 1), 'train/images_per_s': rate,
+                **({'train/mfu': flops_per_image * rate / (peak * world)} if peak else {})})
         if step % (10 * log_interval) == 0 or step == max_iters:
             sums, counts = stats[1:1 + n_bins].tolist(), stats[1 + n_bins:].tolist()
-            cells = [f'{v / n:.4f}' if n else '-' for v, n in zip(sums, counts)]
-            log('  loss by t: ' + ' '.join(f'[{i / n_bins:.2f},{(i + 1) / n_bins:.2f}) {c}' for i, c in enumerate(cells)))
+            bins = [f'[{i / n_bins:.2f},{(i + 1) / n_bins:.2f})' for i in range(n_bins)]
+            by_bin = {b: v / n for b, v, n in zip(bins, sums, counts) if n}
+            log('  loss by t: ' + ' '.join(f"{b} {f'{by_bin[b]:.4f}' if b in by_bin else '-'}" for b in bins))
+            curves(step, {f'loss_by_t/{b}': v for b, v in by_bin.items()})
             bin_sum.zero_(), bin_count.zero_()
         if dataset == 'laion':  # stream health over the interval, summed over ranks
             counts = torch.tensor(stream.counters(), dtype=torch.float64, device=device)
@@ -323,16 +375,23 @@ while step < max_iters:
                 dist.all_reduce(counts)
             new, last_counts = counts - last_counts, counts
             served, fails = new[0].item(), {r: int(n) for r, n in zip(data.REASONS, new[2:].tolist()) if n}
-            failed = sum(fails.values())
-            log(f'  data: {served:.0f} served | cache hits {new[1].item() / max(served, 1):.0%} | '
-                f'wait {1000 * data_wait / n_steps:.0f} ms/step ({data_wait / dt:.0%}) | failed '
-                f"{failed / max(served + failed, 1):.0%} ({', '.join(f'{r} {n}' for r, n in fails.items()) or 'none'})")
+            hits, wait, failed = new[1].item() / max(served, 1), data_wait / n_steps, sum(fails.values())
+            failed /= max(served + failed, 1)
+            reasons = ', '.join(f'{r} {n}' for r, n in fails.items()) or 'none'
+            log(f'  data: {served:.0f} served | cache hits {hits:.0%} | wait {1000 * wait:.0f} ms/step '
+                f'({data_wait / dt:.0%}) | failed {failed:.0%} ({reasons})')
+            curves(step, {'data/cache_hits': hits, 'data/wait_ms_per_step': 1000 * wait, 'data/failed': failed})
         loss_sum.zero_()
         t_last, images_seen, data_wait = time.time(), 0, 0.0
+    t_aside = time.time()
     if step % ckpt_interval == 0 or step == max_iters:
         save_checkpoint()
     if sample_interval and (step % sample_interval == 0 or step == max_iters):
         write_samples()
+    if eval_interval and (step % eval_interval == 0 or step == max_iters):
+        evaluate()
+    t_last += time.time() - t_aside  # img/s is training's alone
 
+curves.close()
 if ddp:
     dist.destroy_process_group()

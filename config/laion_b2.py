@@ -24,3 +24,5 @@ log_interval = 100
 ckpt_interval = 5000
 sample_interval = 5000
 sample_prompts = 'a photograph of an astronaut riding a horse|a red sports car parked on a street at night|a bowl of fruit on a wooden table|a watercolor painting of a lighthouse by the sea'
+# FID and CLIP score on 1,000 COCO captions every 10K steps: write coco-val2014.jsonl as the README says, then add
+#   --eval_interval=10000 --eval_ref=coco-val2014.jsonl

@@ -14,8 +14,8 @@ TINY = ['--model=DiT-Ti/4', '--image_size=16', '--batch_size=8', '--text_max_len
 
 
 def run(args, check=True, timeout=300, **kw):
-    """Run a command from the repository root; on failure show what it printed."""
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
+    """Run a command from the repository root (env: variables to add); on failure show what it printed."""
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', **kw.pop('env', {})}
     p = subprocess.run(args, cwd=kw.pop('cwd', ROOT), capture_output=True, text=True, timeout=timeout, env=env, **kw)
     if check and p.returncode != 0:
         pytest.fail(f'{args} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}')
