@@ -31,12 +31,16 @@ def shift_t(t, shift):
     return shift * t / (1 + (shift - 1) * t)
 
 
-def guided(model, ctx, uncond, cfg):
-    """The velocity function v(z, t) with classifier-free guidance; both branches in one batched forward."""
+def guided(model, ctx, uncond, cfg, interval=(0.0, 1.0)):
+    """The velocity function v(z, t) with classifier-free guidance, both branches in one batched forward. Guidance
+    acts only while interval[0] <= t <= interval[1] (Kynkaanniemi et al., 2024: guidance at high noise costs
+    diversity and adds little); elsewhere the conditional velocity alone, one forward of half the batch."""
     if cfg == 1:
         return lambda z, t: model(z, t, ctx)
 
-    def v(z, t):
+    def v(z, t):  # t: (B,), one time for the whole batch
+        if not interval[0] <= t[0].item() <= interval[1]:
+            return model(z, t, ctx)
         v_cond, v_uncond = model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([ctx, uncond])).chunk(2)
         return v_uncond + cfg * (v_cond - v_uncond)
     return v

@@ -46,7 +46,7 @@ def save_grid(images, rows, path):
 
 @torch.no_grad()
 def generate(model, text_encoder, vae, prompts, steps=28, cfg=4.0, sampler='euler', shift=1.0, negative_prompt='',
-             seed=0, init=None, strength=1.0, progress=False):
+             cfg_t_min=0.0, cfg_t_max=1.0, seed=0, init=None, strength=1.0, progress=False):
     """One image per prompt, (B, H, W, 3) uint8. init: optional (B, 3, H, W) pixels in [-1, 1] at the model's image
     size, for image-to-image."""
     device = next(model.parameters()).device
@@ -57,7 +57,7 @@ def generate(model, text_encoder, vae, prompts, steps=28, cfg=4.0, sampler='eule
     z = noise
     if init is not None:  # noise the given image to t = strength and integrate from there
         z = (1 - strength) * vae.encode(init.to(device)).float() + strength * noise
-    v = flow.guided(model, ctx, uncond, cfg)
+    v = flow.guided(model, ctx, uncond, cfg, (cfg_t_min, cfg_t_max))
     z = flow.sample(v, z, steps, sampler, shift, t_start=strength if init is not None else 1.0, progress=progress)
     return to_uint8(vae.decode(z))
 
@@ -164,6 +164,9 @@ if __name__ == '__main__':
     p.add_argument('--n', type=int, default=4, help='samples per prompt (grid columns)')
     p.add_argument('--steps', type=int, help="sampling steps (default: the checkpoint's sample_steps)")
     p.add_argument('--cfg', type=float, help="classifier-free guidance scale, 1 = none (default: its sample_cfg)")
+    p.add_argument('--cfg_t_min', type=float, help="guidance only for t in [cfg_t_min, cfg_t_max] (default: the "
+                   "checkpoint's)")
+    p.add_argument('--cfg_t_max', type=float)
     p.add_argument('--sampler', default='euler', choices=['euler', 'heun'])
     p.add_argument('--shift', type=float, default=1.0, help="SD3's time shift (>1: more steps near noise)")
     p.add_argument('--seed', type=int, default=0)
@@ -194,8 +197,10 @@ if __name__ == '__main__':
     model, te, vae, cfg, step = load_for_sampling(args.out_dir, args.device, args.text_encoder, args.vae)
     args.dtype, why = resolve_dtype(args.dtype, args.device)
     print(f'dtype {args.dtype}: {why}')
-    gen = dict(steps=args.steps or cfg['sample_steps'], cfg=cfg['sample_cfg'] if args.cfg is None else args.cfg,
-               sampler=args.sampler, shift=args.shift, negative_prompt=args.negative_prompt)
+    trained = dict(steps=cfg['sample_steps'], cfg=cfg['sample_cfg'], cfg_t_min=cfg.get('cfg_t_min', 0.0),
+                   cfg_t_max=cfg.get('cfg_t_max', 1.0))  # the run's sampling settings, unless the flags say otherwise
+    gen = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in trained.items()}
+    gen.update(sampler=args.sampler, shift=args.shift, negative_prompt=args.negative_prompt)
     if args.eval:
         run_eval(model, te, vae, cfg, step, args, gen)
         raise SystemExit

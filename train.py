@@ -89,6 +89,8 @@ ema_warmup = True  # decay min(ema_decay, (1 + step) / (10 + step)): short runs 
 # ----- sampling, evaluation and curves while training (from the EMA weights)
 sample_steps = 28
 sample_cfg = 4.0
+cfg_t_min = 0.0  # guidance only for t in [cfg_t_min, cfg_t_max]: here and sample.py's default (flow.guided)
+cfg_t_max = 1.0
 eval_interval = 0  # steps between evaluations (0 = never): shapes, prompt adherence; laion, FID and CLIP score
 eval_ref = ''  # laion: image-caption pairs, the first eval_n captions the prompts (sample.py --ref)
 eval_n = 1000  # prompts per evaluation, shared out over the ranks
@@ -143,6 +145,7 @@ settings = {k: v for k, v in globals().items() if not k.startswith('_') and type
 configure(settings, sys.argv[1:])
 globals().update(settings)
 config = dict(settings)  # what the checkpoint records
+sampling = dict(steps=sample_steps, cfg=sample_cfg, cfg_t_min=cfg_t_min, cfg_t_max=cfg_t_max)  # grids and evals
 
 # ----- processes, devices, seeds
 ddp = 'RANK' in os.environ
@@ -246,10 +249,9 @@ def lr_at(it):
 
 def gather(obj):
     """[obj of rank 0, obj of rank 1, ...] on every rank."""
-    if not ddp:
-        return [obj]
-    objs = [None] * world
-    dist.all_gather_object(objs, obj)
+    objs = [obj] * world
+    if ddp:
+        dist.all_gather_object(objs, obj)
     return objs
 
 
@@ -269,8 +271,7 @@ def save_checkpoint():
 def write_samples():
     prompts = sample_prompts.split('|')
     with autocast:
-        images = generate(ema, text_enc, vae_model, [p for p in prompts for _ in range(4)], steps=sample_steps,
-                          cfg=sample_cfg, seed=seed)
+        images = generate(ema, text_enc, vae_model, [p for p in prompts for _ in range(4)], seed=seed, **sampling)
     if master:
         curves(step, {}, save_grid(images, len(prompts), os.path.join(out_dir, f'samples_{step:06d}.png')))
 
@@ -287,12 +288,12 @@ if eval_interval:  # every rank makes an equal share of the images: under FSDP e
 
 def evaluate():
     """The EMA's metrics on eval_n prompts: each rank makes its share of the images, rank 0 puts them together."""
-    t0, mine, gen = time.time(), eval_prompts[rank * share:(rank + 1) * share], dict(steps=sample_steps, cfg=sample_cfg)
+    t0, mine = time.time(), eval_prompts[rank * share:(rank + 1) * share]
     with autocast:
         if scorer:
-            mine = score_images(ema, text_enc, vae_model, scorer, mine, 64, seed + rank * share, **gen)
+            mine = score_images(ema, text_enc, vae_model, scorer, mine, 64, seed + rank * share, **sampling)
         else:  # adherence fractions over equal shares: their mean is the whole's
-            mine = evaluate_shapes(ema, text_enc, vae_model, mine, seed + rank * share, **gen)
+            mine = evaluate_shapes(ema, text_enc, vae_model, mine, seed + rank * share, **sampling)
     shares = gather(mine)
     if master:
         results = scorer.results(sum(shares, []), reference) if scorer else {k: sum(s[k] for s in shares) / world

@@ -17,3 +17,5 @@ ema_decay = 0.998  # averages the last ~500 steps
 log_interval = 50
 ckpt_interval = 500
 sample_interval = 700
+cfg_t_min = 0.22  # guidance only in the middle of t (sample.py's default for this run): size +2.5 points (README)
+cfg_t_max = 0.84

@@ -95,3 +95,11 @@ def test_classifier_free_guidance_in_one_forward():
     assert calls == [4]  # conditional and unconditional branch batched together
     v_c, v_u = model(z, t, ctx), model(z, t, uncond)
     torch.testing.assert_close(got, v_u + 3.0 * (v_c - v_u), rtol=1e-4, atol=1e-4)
+    # a guidance interval: inside it the same, outside it the conditional branch alone, in one forward of B
+    t = torch.full((2,), 0.5)
+    v_c, v_u = model(z, t, ctx), model(z, t, uncond)
+    torch.testing.assert_close(flow.guided(counted, ctx, uncond, 3.0, (0.2, 0.8))(z, t), v_u + 3.0 * (v_c - v_u),
+                               rtol=1e-4, atol=1e-4)
+    calls.clear()
+    torch.testing.assert_close(flow.guided(counted, ctx, uncond, 3.0, (0.6, 0.8))(z, t), v_c)
+    assert calls == [2]
