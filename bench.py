@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 import data
 import flow
-from model import DiT, PRESETS, autocast_for, load_vae, peak_flops, resolve_dtype
+from encoders import load_vae
+from model import DiT, PRESETS, autocast_for, peak_flops, resolve_dtype
 
 
 def sync(device):

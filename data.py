@@ -3,27 +3,26 @@ The LAION streamer of flowdit: image-caption rows from shards of URLs (prepare_l
 (img2dataset), split over ranks and workers, fetched or read by threads, kept in a RAM cache as pixels or, when a VAE
 trains, as latents. A stream's next() gives (images, captions): uint8 (B, 3, H, W) and a list of B strings (latents
 and, with cache_text, caption embeddings when LaionStream encodes); state_dict() / load_state_dict() let a checkpoint
-resume it exactly. The embedded shapes dataset is in shapes.py, the fetching and decoding of web images in web.py.
+resume it exactly. With aspect-ratio buckets, each image is cropped to the bucket nearest its shape and each batch
+holds one bucket. The embedded shapes dataset is in shapes.py; the fetching and decoding of web images, the shard
+lists and row readers and the bucket sizes in web.py.
 """
 import concurrent.futures
-import glob
 import hashlib
-import json
 import math
 import os
-import re
 import struct
-import tarfile
 import tempfile
 
 import numpy as np
-import requests
 import torch
 
 from shapes import CAPTION, ShapesStream, adherence, all_scenes, judge  # noqa: F401 (their first home)
-from web import REASONS, Skip, decode, fetch, session  # noqa: F401 (REASONS: train.py's log)
+from web import (IMAGE_EXTS, REASONS, Skip, decode, fetch, jsonl_rows, nearest_bucket,  # noqa: F401
+                 parse_buckets, session, shard_list, tar_rows)  # (REASONS: train.py's log; the rest: their old home)
 
 COUNTERS = ('served', 'cache_hits') + REASONS  # each worker's, in this order
+TAR_SHUFFLE = 256  # samples a tar's shuffle buffer holds, images and all
 
 
 def pack(arrays):
@@ -90,71 +89,6 @@ class Cache:
         os.replace(tmp, self.path(key))  # readers never see half a file
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Two row sources, one streamer: prepare_laion.py's JSON lines of URLs, and webdataset tar shards as img2dataset
-# writes them (00000.tar holding 000000000.jpg + .txt + .json), local or over http(s), read as a stream.
-
-IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
-TAR_SHUFFLE = 256  # samples a tar's shuffle buffer holds, images and all
-
-
-def shard_list(spec):
-    """data_shards -> shard paths and URLs: a glob, a brace range ('shards/{00000..00999}.tar', zero-padded as
-    written), an http(s) URL, or several of these joined by '::'."""
-    if '::' in spec:
-        return [s for part in spec.split('::') for s in shard_list(part)]
-    m = re.search(r'\{(\d+)\.\.(\d+)\}', spec)
-    if m:
-        a, b = m.groups()
-        return [s for i in range(int(a), int(b) + 1)
-                for s in shard_list(spec[:m.start()] + str(i).zfill(len(a)) + spec[m.end():])]
-    return [spec] if spec.startswith(('http://', 'https://')) else sorted(glob.glob(spec))
-
-
-def jsonl_rows(path):
-    with open(path) as f:
-        for line in f:
-            yield json.loads(line)
-
-
-def tar_rows(path, timeout):
-    """The samples of a webdataset tar as rows {'key', 'caption', 'image'}: members sharing a key (the name up to the
-    first dot of its base name) form a sample. Streamed with the standard library: a tar over http(s) is never
-    downloaded whole. A truncated or unreadable tar ends its shard with a row that fails as 'bad_shard'."""
-    key, parts = None, {}
-    try:
-        if path.startswith(('http://', 'https://')):
-            r = requests.get(path, stream=True, timeout=timeout)
-            r.raise_for_status()
-            r.raw.decode_content = True
-            f = r.raw
-        else:
-            f = open(path, 'rb')
-        with f, tarfile.open(fileobj=f, mode='r|*') as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                folder, _, base = member.name.rpartition('/')
-                stem, _, ext = base.partition('.')
-                if (folder, stem) != key:
-                    if parts:
-                        yield tar_sample(path, key, parts)
-                    key, parts = (folder, stem), {}
-                parts[ext.lower()] = tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError, requests.exceptions.RequestException):
-        # the sample being read may lack members: dropped with the rest of the shard
-        yield {'key': f'{path}#end', 'caption': '', 'image': None, 'fails': 'bad_shard'}
-        return
-    if parts:
-        yield tar_sample(path, key, parts)
-
-
-def tar_sample(path, key, parts):
-    image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
-    caption = parts.get('txt', b'').decode('utf-8', 'replace').strip()
-    return {'key': f'{path}#{"/".join(k for k in key if k)}', 'caption': caption, 'image': image}
-
-
 def shuffled(items, rng, size=None):
     """items in a seeded random order, holding at most `size` of them at a time (webdataset's shuffle buffer); all
     of them when size is None."""
@@ -175,13 +109,17 @@ class LaionShards(torch.utils.data.IterableDataset):
     rows finished by then, so resuming from it serves no sample twice and skips none.
     With o['latent_tag'] set (a VAE trains), a batch's `images` is a dict: the latents the cache holds ('latents',
     'texts') and the crops it lacks ('pixels', 'flip', 'keys'), 'hit' marking which is which; LaionStream encodes and
-    caches the crops."""
+    caches the crops. With o['buckets'] ((height, width) pairs; web.parse_buckets), each image is cropped to the
+    bucket nearest its aspect ratio and every batch comes from one bucket: a row waits in its bucket's batch, and is
+    finished only when that batch is yielded. Buckets come as often as the data holds them."""
 
     def __init__(self, shards, batch_size, image_size, seed, rank, world, workers, o):
         super().__init__()
         self.shards, self.batch_size, self.size, self.seed = sorted(shards), batch_size, image_size, seed
         self.rank, self.world, self.workers, self.o = rank, world, max(1, workers), o
-        self.latent_tag = o.get('latent_tag', '')
+        self.latent_tag, self.buckets = o.get('latent_tag', ''), o.get('buckets') or [(image_size, image_size)]
+        square = self.buckets == [(image_size, image_size)]  # the cache key names the sizes an image may take
+        self.size_tag = str(image_size) if square else ','.join(f'{h}x{w}' for h, w in self.buckets)
         self.positions = {}  # worker -> position to resume from
         if len(self.shards) < world * self.workers:
             raise ValueError(f'{len(self.shards)} shard(s) cannot feed {world} rank(s) x {self.workers} worker(s): '
@@ -193,7 +131,7 @@ class LaionShards(torch.utils.data.IterableDataset):
 
     def key(self, row):
         """The cache key: the sample, the size, and the encoders that made its latents (none for pixels)."""
-        return f"{row.get('url') or row['key']}|{self.size}{self.latent_tag}"
+        return f"{row.get('url') or row['key']}|{self.size_tag}{self.latent_tag}"
 
     def lookup(self, row, u):
         """A cached row's item, a Skip if it is known to fail, None if the cache lacks it. Run inline: a hit is a
@@ -220,7 +158,7 @@ class LaionShards(torch.utils.data.IterableDataset):
                 raise Skip(row.get('fails', 'not_an_image'))
             else:
                 content = row['image']
-            img = np.asarray(decode(content, self.size, o['max_image_pixels'], o['min_image_size']))
+            img = np.asarray(decode(content, self.size, o['max_image_pixels'], o['min_image_size'], self.buckets))
         except Skip as e:
             if e.args[0] != 'bad_shard':  # a broken download may work next time
                 self.cache.put(key, reason=e.args[0])
@@ -231,14 +169,15 @@ class LaionShards(torch.utils.data.IterableDataset):
         return 'miss', self.crop(img, u, flip_it=False), key
 
     def crop(self, img, u, flip_it=True):
-        """uint8 (3, S, S) from (h, w, 3): the center or a random crop, flipped at random; u: the row's 3 uniform
-        draws (flip, y, x). flip_it=False returns the flip decision beside the unflipped crop, whose latents are cached
-        for both."""
+        """uint8 (3, bh, bw) from (h, w, 3) resized to cover its bucket: the center or a random crop, flipped at
+        random; u: the row's 3 uniform draws (flip, y, x). flip_it=False returns the flip decision beside the
+        unflipped crop, whose latents are cached for both."""
         flip = self.o['random_flip'] and u[0] < 0.5
         h, w = img.shape[:2]
-        y, x = ((int(u[1] * (h - self.size + 1)), int(u[2] * (w - self.size + 1))) if self.o['random_crop']
-                else ((h - self.size) // 2, (w - self.size) // 2))
-        img = img[y:y + self.size, x:x + self.size]
+        bh, bw = nearest_bucket(h, w, self.buckets, inside=True)
+        y, x = ((int(u[1] * (h - bh + 1)), int(u[2] * (w - bw + 1))) if self.o['random_crop']
+                else ((h - bh) // 2, (w - bw) // 2))
+        img = img[y:y + bh, x:x + bw]
         if not flip_it:
             return torch.from_numpy(img.copy()).permute(2, 0, 1), flip
         return torch.from_numpy((img[:, ::-1] if flip else img).copy()).permute(2, 0, 1)  # a cached array is read-only
@@ -256,8 +195,17 @@ class LaionShards(torch.utils.data.IterableDataset):
         finally:  # a closed stream fetches no more; what is running ends by its deadline
             pool.shutdown(wait=False, cancel_futures=True)
 
+    def bucket_of(self, item):
+        # an item is a crop (3, bh, bw), a cached latent ('hit', (C, bh/f, bw/f), text) or a crop to encode ('miss')
+        if len(self.buckets) == 1:
+            return self.buckets[0]
+        if not self.latent_tag:
+            return tuple(item.shape[-2:])
+        f = self.o['vae_factor'] if item[0] == 'hit' else 1
+        return tuple(s * f for s in (item[1] if item[0] == 'hit' else item[1][0]).shape[-2:])
+
     def batches(self, w, g, pool, epoch, below, done):
-        stats, items, captions = dict.fromkeys(COUNTERS, 0), [], []
+        stats, waiting = dict.fromkeys(COUNTERS, 0), {}  # bucket -> [(epoch, k, item, caption)], a batch to come
         while True:
             served_before = stats['served']
             todo = ((k, row, u) for k, row, u in self.rows(epoch, g) if k >= below and k not in done)
@@ -280,20 +228,22 @@ class LaionShards(torch.utils.data.IterableDataset):
                 if not ready and not running:
                     break
                 for k, caption, item, cached in ready:
-                    done.add(k)
                     if isinstance(item, Skip):
+                        done.add(k)
                         stats[item.args[0]] += 1
                         continue
                     stats['served'] += 1
                     stats['cache_hits'] += cached
-                    items.append(item)
-                    captions.append(caption)
-                    if len(items) == self.batch_size:  # yield now: the position covers served rows only
+                    batch = waiting.setdefault(self.bucket_of(item), [])
+                    batch.append((epoch, k, item, caption))
+                    if len(batch) == self.batch_size:  # yield now: the position covers its rows, not those waiting
+                        del waiting[self.bucket_of(item)]
+                        done.update(k for e, k, _, _ in batch if e == epoch)  # a past epoch's are past resuming
                         while below in done:  # rows before `below` are implied done
                             done.discard(below)
                             below += 1
-                        yield self.collate(items), captions, w, (epoch, below, sorted(done)), dict(stats)
-                        items, captions = [], []
+                        yield (self.collate([b[2] for b in batch]), [b[3] for b in batch], w,
+                               (epoch, below, sorted(done)), dict(stats))
                 ready = []
             if stats['served'] == served_before:
                 raise RuntimeError(f'data worker {g}: a whole epoch of {len(self.my_shards(epoch, g))} shard(s) '
@@ -331,6 +281,17 @@ LATENT_SHARE = 0.95, 0.05  # of the cache: latents (written by the node's ranks)
 LOCAL_WORLD = int(os.environ.get('LOCAL_WORLD_SIZE', 1))  # processes on this node
 
 
+def health(new, wait, wait_share):
+    """The data path over a log interval, as a log line and curves. new: COUNTERS summed over the ranks; wait: seconds
+    per step spent waiting for data, wait_share: their share of the interval."""
+    served, fails = new[0], {r: int(n) for r, n in zip(REASONS, new[2:]) if n}
+    hits, failed = new[1] / max(served, 1), sum(fails.values()) / max(served + sum(fails.values()), 1)
+    reasons = ', '.join(f'{r} {n}' for r, n in fails.items()) or 'none'
+    line = (f'  data: {served:.0f} served | cache hits {hits:.0%} | wait {1000 * wait:.0f} ms/step ({wait_share:.0%})'
+            f' | failed {failed:.0%} ({reasons})')
+    return line, {'data/cache_hits': hits, 'data/wait_ms_per_step': 1000 * wait, 'data/failed': failed}
+
+
 class LaionStream:
     """The training side: a DataLoader over LaionShards that remembers each worker's position and counters. With a
     `vae` (run here, on the training device), next() gives latents (B, C, h, w) instead of pixels: those the RAM cache
@@ -344,7 +305,7 @@ class LaionStream:
             raise SystemExit(f'error: no shards match {pattern!r}: write them with prepare_laion.py or img2dataset')
         self.vae, self.text_encoder = vae, text_encoder
         if vae is not None:  # the key names the encoders: a cache made for one VAE is never read by another
-            options['latent_tag'] = f'|{cache_tag}'
+            options['latent_tag'], options['vae_factor'] = f'|{cache_tag}', getattr(vae, 'factor', 1)
         self.dataset = LaionShards(shards, batch_size, image_size, seed, rank, world, workers, options)
         self.workers, self.pin_memory, self.loader, self.stats = workers, pin_memory, None, {}  # stats: per worker
 

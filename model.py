@@ -1,17 +1,15 @@
 """
-The DiT of flowdit: a joint-attention (MMDiT-style) Diffusion Transformer, and the frozen encoders around it.
+The DiT of flowdit: a joint-attention (MMDiT-style) Diffusion Transformer (its frozen encoders are in encoders.py).
 
 Image latents are patchified into tokens, caption embeddings are projected into tokens, and every block runs
 both streams with their own weights, concatenating them only inside attention. Timestep and pooled caption
 drive AdaLN-Zero modulation of both streams, so a fresh model is the identity in every block.
 """
-import functools
 import math
 import os
 import sys
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -110,6 +108,40 @@ def sincos_2d(dim, gh, gw):
     return torch.cat([sincos_1d(ys.flatten(), dim // 2), sincos_1d(xs.flatten(), dim // 2)], dim=-1)
 
 
+def resize_table(table, gh, gw):
+    # (1, g*g, D) learned positions of a square grid -> (1, gh*gw, D), bilinearly; unchanged for the same grid
+    g = math.isqrt(table.shape[1])
+    if (gh, gw) == (g, g):
+        return table
+    pos = table.view(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+    pos = F.interpolate(pos, size=(gh, gw), mode='bilinear', align_corners=False)
+    return pos.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
+
+
+def token_positions(gh, gw, n_txt, device=None):
+    """(N + L, 2) (row, column) of each image token, then of each caption token, for 2D RoPE: image tokens on their
+    grid from the top-left corner, every caption token at the origin, as Flux places them. Measured against
+    Qwen-Image's MSRoPE (captions on the diagonal past the image): better placement of shapes (README)."""
+    ys, xs = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing='ij')
+    image = torch.stack([ys.flatten(), xs.flatten()], -1)
+    return torch.cat([image, image.new_zeros(n_txt, 2)]).float()
+
+
+def rotary(pos, head_dim, base=10000.0):
+    """cos and sin of axial 2D RoPE, (T, hd/2) each, for positions (T, 2): a head's first hd/4 rotated pairs turn
+    with the row, the next hd/4 with the column, at the frequencies base^(-i / (hd/4))."""
+    n = head_dim // 4
+    freqs = base ** (-torch.arange(n, dtype=torch.float32, device=pos.device) / n)
+    angles = torch.cat([pos[:, :1] * freqs, pos[:, 1:] * freqs], dim=-1)  # (T, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x, cos, sin):
+    # x: (B, H, T, hd); the pairs (x[i], x[i + hd/2]) turned by the angles of cos, sin (T, hd/2), in fp32
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
 class Stream(nn.Module):
     """One stream's half of a joint block: modulation, QKV with RMS-normed Q and K, output projection, MLP.
     The caption stream of the last block only lends keys and values to the image tokens, as its own outputs would
@@ -157,14 +189,17 @@ class JointBlock(nn.Module):
         self.img = Stream(dim, heads)
         self.txt = Stream(dim, heads, last=last)
 
-    def forward(self, x, c, y):
-        # x: (B, N, D) image tokens, c: (B, L, D) caption tokens, y: (B, D) conditioning
+    def forward(self, x, c, y, rope=None):
+        # x: (B, N, D) image tokens, c: (B, L, D) caption tokens, y: (B, D) conditioning, rope: None or cos, sin
         qx, kx, vx, mod_x = self.img.pre_attention(x, y)
         qc, kc, vc, mod_c = self.txt.pre_attention(c, y)
         # joined along the sequence: cat's copy leaves them contiguous, as the attention kernels want them.
         # In the last block only the image tokens ask
         q = qx if self.txt.last else torch.cat((qx, qc), dim=2)  # (B, H, N+L or N, hd)
         k, v = torch.cat((kx, kc), dim=2), torch.cat((vx, vc), dim=2)  # (B, H, N+L, hd)
+        if rope is not None:
+            cos, sin = rope
+            q, k = rotate(q, cos[:q.shape[2]], sin[:q.shape[2]]), rotate(k, cos, sin)
         o = attention(q, k, v, self.attn_impl)  # (B, H, N+L or N, hd)
         N = x.shape[1]
         x = self.img.post_attention(x, o[:, :, :N], mod_x)
@@ -173,7 +208,8 @@ class JointBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    def __init__(self, preset, in_channels, caption_dim, grid, attn_impl='sdpa', grad_checkpointing=False):
+    def __init__(self, preset, in_channels, caption_dim, grid, attn_impl='sdpa', grad_checkpointing=False,
+                 pos_embed='table'):
         super().__init__()
         if preset not in PRESETS:
             raise ValueError(f"unknown model preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -181,9 +217,13 @@ class DiT(nn.Module):
         if grid % patch:
             raise ValueError(f'latent grid {grid} is not divisible by the patch size {patch} of {preset}')
         self.patch, self.in_channels, self.grid, self.dim, self.depth = patch, in_channels, grid, dim, depth
-        self.grad_checkpointing = grad_checkpointing
+        if pos_embed not in ('table', 'rope'):
+            raise ValueError(f"pos_embed must be 'table' or 'rope', got {pos_embed!r}")
+        self.grad_checkpointing, self.rope, self.head_dim = grad_checkpointing, pos_embed == 'rope', dim // heads
         self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
-        self.pos_embed = nn.Parameter(torch.zeros(1, (grid // patch) ** 2, dim))
+        # 'table': a learned table added to the tokens, sin-cos at init, for the trained grid (resized for another);
+        # 'rope': no table, 2D rotary embeddings in attention, the same for every grid size and shape
+        self.pos_embed = None if self.rope else nn.Parameter(torch.zeros(1, (grid // patch) ** 2, dim))
         self.t_embed = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.pool_proj = nn.Linear(caption_dim, dim)  # W_c of t~ = W_t Emb(t) + W_c mean(c)
         self.caption_proj = nn.Linear(caption_dim, dim)
@@ -201,8 +241,9 @@ class DiT(nn.Module):
         w = self.patch_embed.weight  # initialised like a linear layer, as in DiT
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
-        g = self.grid // self.patch
-        self.pos_embed.data.copy_(sincos_2d(self.dim, g, g).unsqueeze(0))
+        if self.pos_embed is not None:
+            g = self.grid // self.patch
+            self.pos_embed.data.copy_(sincos_2d(self.dim, g, g).unsqueeze(0))
         for m in self.t_embed:
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
@@ -219,29 +260,26 @@ class DiT(nn.Module):
         # x: (B, C, H, W) latents, t: (B,) in [0, 1], ctx: (B, L, caption_dim) caption embeddings
         B, C, H, W = x.shape
         p, gh, gw = self.patch, H // self.patch, W // self.patch
-        # (B, N, D), N = (H/p)*(W/p). The table first: the sum then comes out contiguous, not strided like the
-        # transposed patches, which would make every LayerNorm of the residual stream copy it
-        x = self.pos_embed_for(gh, gw) + self.patch_embed(x).flatten(2).transpose(1, 2)
+        # (B, N, D), N = (H/p)*(W/p), made contiguous once (the table first does it in the sum): strided like the
+        # transposed patches, the residual stream would be copied by every LayerNorm
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = x.contiguous() if self.rope else self.pos_embed_for(gh, gw) + x
+        rope = rotary(token_positions(gh, gw, ctx.shape[1], x.device), self.head_dim) if self.rope else None
         y = self.t_embed(sincos_1d(1000 * t, 256)) + self.pool_proj(ctx.mean(dim=1))  # (B, D)
         c = self.caption_proj(ctx)  # (B, L, D)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
-                x, c = checkpoint(block, x, c, y, use_reentrant=False)
+                x, c = checkpoint(block, x, c, y, rope, use_reentrant=False)
             else:
-                x, c = block(x, c, y)
+                x, c = block(x, c, y, rope)
         shift, scale = self.final_mod(y).chunk(2, dim=-1)
         x = self.final(modulate(self.final_norm(x), shift, scale))  # (B, N, p*p*C)
         x = x.view(B, gh, gw, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, gh, p, gw, p)
         return x.reshape(B, C, H, W)
 
     def pos_embed_for(self, gh, gw):
-        # the learned table covers the trained grid; another grid gets it resized bilinearly
-        g = self.grid // self.patch
-        if (gh, gw) == (g, g):
-            return self.pos_embed
-        pos = self.pos_embed.view(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
-        pos = F.interpolate(pos, size=(gh, gw), mode='bilinear', align_corners=False)
-        return pos.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
+        # the learned table covers the trained grid; another grid gets it resized
+        return resize_table(self.pos_embed, gh, gw)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -256,109 +294,6 @@ class DiT(nn.Module):
         return 3 * 2 * macs
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Frozen encoders. Text: captions -> (B, L, D). VAE: pixels in [-1, 1] <-> latents. Both named by a setting.
-
-class HashTextEncoder(nn.Module):
-    """Weight-free, offline: each word maps to a fixed pseudo-random vector (a hash of the word seeds it), plus a
-    fixed vector for its position, so word order survives. The DiT's caption projection learns the rest.
-    Padding and the empty caption are zeros. Returns float32 on the CPU; the caller moves it."""
-
-    def __init__(self, dim=64, max_length=16):
-        super().__init__()
-        self.dim, self.max_length = dim, max_length
-        self.pos = torch.randn(max_length, dim, generator=torch.Generator().manual_seed(0)) / 2
-
-    @functools.lru_cache(maxsize=65536)
-    def word(self, w):
-        seed = int.from_bytes(w.encode(), 'little') % (2 ** 63)  # stable across runs, unlike hash()
-        return torch.from_numpy(np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32))
-
-    def forward(self, captions):
-        out = torch.zeros(len(captions), self.max_length, self.dim)
-        for i, caption in enumerate(captions):
-            words = ''.join(ch if ch.isalnum() else ' ' for ch in caption.lower()).split()[:self.max_length]
-            if words:
-                out[i, :len(words)] = torch.stack([self.word(w) for w in words]) + self.pos[:len(words)]
-        return out
-
-
-# the text-only class for model types whose checkpoints hold more (T5's decoder, CLIP's vision tower)
-TEXT_ONLY = {'t5': 'T5EncoderModel', 'mt5': 'MT5EncoderModel', 'umt5': 'UMT5EncoderModel', 'clip': 'CLIPTextModel',
-             'siglip': 'SiglipTextModel'}
-
-
-class HFTextEncoder(nn.Module):
-    """Any transformers text model by hub id or path: CLIP and T5 encoders, or a decoder LM whose hidden states serve
-    as embeddings. Captions are padded to max_length. layer -1 is last_hidden_state (after CLIP's final norm, as SD
-    uses it); another index picks hidden_states[layer] (SDXL takes CLIP's penultimate, -2)."""
-
-    def __init__(self, name, max_length, layer):
-        super().__init__()
-        import transformers
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-        if self.tokenizer.pad_token is None:  # decoder LMs often have none; right padding keeps causal tokens clean
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        model_type = transformers.AutoConfig.from_pretrained(name).model_type
-        cls = getattr(transformers, TEXT_ONLY.get(model_type, 'AutoModel'))
-        self.model = cls.from_pretrained(name).requires_grad_(False).eval()
-        self.max_length, self.layer = max_length, layer
-        cfg = self.model.config
-        self.dim = getattr(cfg, 'hidden_size', None) or cfg.d_model
-
-    @torch.no_grad()
-    def forward(self, captions):
-        tok = self.tokenizer(list(captions), padding='max_length', max_length=self.max_length, truncation=True,
-                             return_tensors='pt')
-        out = self.model(input_ids=to_device(tok.input_ids, self.model.device),
-                         attention_mask=to_device(tok.attention_mask, self.model.device),
-                         output_hidden_states=self.layer != -1)
-        return out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]  # (B, L, D)
-
-
-def load_text_encoder(name, max_length, layer=-1):
-    return HashTextEncoder(max_length=max_length) if name == 'hash' else HFTextEncoder(name, max_length, layer)
-
-
-class PixelSpace(nn.Module):
-    """vae = '': the model works on pixels directly."""
-    channels, factor = 3, 1
-
-    def encode(self, x):
-        return x
-
-    def decode(self, z):
-        return z
-
-
-class VAE(nn.Module):
-    """A diffusers AutoencoderKL by hub id or path. Latents are the posterior mean, shifted and scaled so that they
-    are roughly unit-variance: z = (mean - shift_factor) * scaling_factor; decode inverts it exactly."""
-
-    def __init__(self, name, subfolder=''):
-        super().__init__()
-        from diffusers import AutoencoderKL
-        self.vae = AutoencoderKL.from_pretrained(name, subfolder=subfolder or None).requires_grad_(False).eval()
-        cfg = self.vae.config
-        self.channels = cfg.latent_channels
-        self.factor = 2 ** (len(cfg.block_out_channels) - 1)
-        self.scale, self.shift = cfg.scaling_factor, getattr(cfg, 'shift_factor', None) or 0.0
-
-    @torch.no_grad()
-    def encode(self, x):
-        # x: (B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f)
-        mean = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean
-        return (mean - self.shift) * self.scale
-
-    @torch.no_grad()
-    def decode(self, z):
-        return self.vae.decode(z.to(self.vae.dtype) / self.scale + self.shift).sample
-
-
-def load_vae(name, subfolder=''):
-    return PixelSpace() if name == '' else VAE(name, subfolder)
-
-
 def load_checkpoint(path):
     """The checkpoint dict, or a one-line exit that says what is wrong with it."""
     if not os.path.isfile(path):
@@ -367,3 +302,24 @@ def load_checkpoint(path):
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         sys.exit(f'error: checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})')
+
+
+def load_weights(model, path):
+    """The EMA weights of the checkpoint at `path` into `model` (progressive resolution: a learned table is resized
+    to the model's grid), or a one-line exit that says why they do not fit."""
+    if not os.path.isfile(path):
+        sys.exit(f'error: init_from={path}: no checkpoint there (train the run it names first, or name another)')
+    weights = load_checkpoint(path)['ema']
+    if model.pos_embed is not None and 'pos_embed' in weights:
+        g = model.grid // model.patch
+        weights['pos_embed'] = resize_table(weights['pos_embed'], g, g)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        sys.exit(f"error: the weights of {path} do not fit this model: {' '.join(str(e).split())[:300]}")
+    return model
+
+
+def __getattr__(name):  # the encoders' first home: `from model import load_vae` still works
+    import encoders
+    return getattr(encoders, name)

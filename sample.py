@@ -6,10 +6,11 @@ Generate images from a flowdit checkpoint (the EMA weights).
     python sample.py --out_dir out-laion-b2 --prompt "a bowl of fruit" --cfg 4
     python sample.py --prompts_file prompts.txt --cfg 4 --steps 28 --sampler heun --out grid.png
     python sample.py --prompt "..." --init_image photo.png --strength 0.6      # image-to-image
+    python sample.py --prompt "..." --height 32 --width 48                     # another size (README)
     python sample.py --eval                                                    # shapes: prompt adherence
     python sample.py --out_dir out-laion-b2 --eval --ref coco-val2014.jsonl    # FID, CLIP score
 
-The grid has one row per prompt, in order, and --n columns, each cell at the model's native resolution.
+The grid has one row per prompt, in order, and --n columns, each cell at the trained size or --height x --width.
 Without --out_dir it samples the one run under the current folder (out*/ckpt.pt), and names them if there are several.
 """
 import argparse
@@ -27,7 +28,9 @@ from tqdm import tqdm
 import flow
 import metrics
 import shapes
-from model import DiT, autocast_for, load_checkpoint, load_text_encoder, load_vae, resolve_dtype
+import web
+from encoders import load_text_encoder, load_vae
+from model import DiT, autocast_for, load_checkpoint, resolve_dtype
 
 
 def to_uint8(x):
@@ -46,20 +49,39 @@ def save_grid(images, rows, path):
 
 @torch.no_grad()
 def generate(model, text_encoder, vae, prompts, steps=28, cfg=4.0, sampler='euler', shift=1.0, negative_prompt='',
-             cfg_t_min=0.0, cfg_t_max=1.0, seed=0, init=None, strength=1.0, progress=False):
-    """One image per prompt, (B, H, W, 3) uint8. init: optional (B, 3, H, W) pixels in [-1, 1] at the model's image
-    size, for image-to-image."""
+             cfg_t_min=0.0, cfg_t_max=1.0, seed=0, init=None, strength=1.0, progress=False, size=None):
+    """One image per prompt, (B, H, W, 3) uint8, at size (H, W) in pixels (default: the trained square). init:
+    optional (B, 3, H, W) pixels in [-1, 1] at that size, for image-to-image."""
     device = next(model.parameters()).device
     ctx = text_encoder(prompts).to(device, torch.float32)
     uncond = text_encoder([negative_prompt] * len(prompts)).to(device, torch.float32)
-    noise = torch.randn(len(prompts), model.in_channels, model.grid, model.grid,
-                        generator=torch.Generator().manual_seed(seed)).to(device)
+    h, w = (s // vae.factor for s in size) if size else (model.grid, model.grid)
+    noise = torch.randn(len(prompts), model.in_channels, h, w, generator=torch.Generator().manual_seed(seed)).to(device)
     z = noise
     if init is not None:  # noise the given image to t = strength and integrate from there
         z = (1 - strength) * vae.encode(init.to(device)).float() + strength * noise
     v = flow.guided(model, ctx, uncond, cfg, (cfg_t_min, cfg_t_max))
     z = flow.sample(v, z, steps, sampler, shift, t_start=strength if init is not None else 1.0, progress=progress)
     return to_uint8(vae.decode(z))
+
+
+def trained_size(cfg):
+    return cfg['image_size'], cfg['image_size']
+
+
+def size_and_shift(model, vae, cfg, args):
+    """--height, --width and --shift -> size and shift: SD3's resolution shift by default at a size the model was not
+    trained at (more of the steps near noise, where the layout of a larger image is decided)."""
+    unit, square = model.patch * vae.factor, trained_size(cfg)
+    size = (args.height or square[0], args.width or square[1])
+    if size[0] % unit or size[1] % unit:
+        raise SystemExit(f'error: --height and --width must be multiples of {unit} (patch x VAE factor), got {size}')
+    seen = web.parse_buckets(cfg.get('buckets', ''), cfg['image_size'], unit)
+    shift = args.shift or (1.0 if size in seen else (size[0] * size[1] / (square[0] * square[1])) ** 0.5)
+    if size not in seen:
+        print(f"note: trained at {', '.join('%dx%d' % b for b in seen)}; {size[0]}x{size[1]} is new to it "
+              f'(time shift {shift:.2f})')
+    return dict(size=size, shift=shift)
 
 
 def find_run(out_dir):
@@ -87,7 +109,8 @@ def load_for_sampling(out_dir, device, text_encoder=None, vae=None):
         raise SystemExit(f"error: the checkpoint was trained with text encoder {cfg['text_encoder']!r} "
                          f"(width {ckpt['caption_dim']}) and vae {cfg['vae']!r} ({ckpt['in_channels']} channels); "
                          f'the ones given have width {te.dim} and {ae.channels} channels')
-    model = DiT(cfg['model'], ckpt['in_channels'], ckpt['caption_dim'], ckpt['grid'], cfg['attn_impl'])
+    model = DiT(cfg['model'], ckpt['in_channels'], ckpt['caption_dim'], ckpt['grid'], cfg['attn_impl'],
+                pos_embed=cfg.get('pos_embed', 'table'))
     model.load_state_dict(ckpt['ema'])
     return model.to(device).eval(), te.to(device), ae.to(device), cfg, ckpt['step']
 
@@ -132,7 +155,7 @@ def run_eval(model, te, vae, cfg, step, args, gen):
     if ref:
         scorer = metrics.Scorer(args.fid_model, args.clip_model, args.dino_model, args.device, args.batch)
         prompts = [row['caption'] for row in metrics.reference_rows(ref, args.eval_n)]
-        reference = scorer.reference(ref, len(prompts), model.grid * vae.factor, cfg['allow_private_urls'])
+        reference = scorer.reference(ref, len(prompts), cfg['image_size'], cfg['allow_private_urls'])
         settings.update(ref=ref, n=len(prompts), models=scorer.names)
         key = json.dumps([metrics.identity(ref), step, settings])
         partial = os.path.join(args.out_dir, f'eval-{hashlib.sha1(key.encode()).hexdigest()[:12]}.partial.npz')
@@ -145,8 +168,8 @@ def run_eval(model, te, vae, cfg, step, args, gen):
     elif cfg['dataset'] == 'shapes':
         with autocast_for(args.device, args.dtype):
             results = evaluate_shapes(model, te, vae, shapes.all_scenes()[::args.eval_stride], args.seed, True, **gen)
-        settings['eval_stride'] = args.eval_stride
-        name = f'eval-{step:06d}-shapes.json'
+        settings.update(eval_stride=args.eval_stride, size=gen['size'])
+        name = f"eval-{step:06d}-shapes{'-%dx%d' % gen['size'] if gen['size'] != trained_size(cfg) else ''}.json"
     else:
         raise SystemExit('error: --eval of a LAION model needs --ref, image-caption pairs to compare with (README)')
     print(f'step {step}: ' + ', '.join(f'{k} {v:.4g}' for k, v in results.items()))
@@ -168,7 +191,10 @@ if __name__ == '__main__':
                    "checkpoint's)")
     p.add_argument('--cfg_t_max', type=float)
     p.add_argument('--sampler', default='euler', choices=['euler', 'heun'])
-    p.add_argument('--shift', type=float, default=1.0, help="SD3's time shift (>1: more steps near noise)")
+    p.add_argument('--shift', type=float, help="SD3's time shift (>1: more steps near noise); default 1, or at a size "
+                   'other than the trained one, the square root of the ratio of their areas (SD3)')
+    p.add_argument('--height', type=int, help='image height in pixels (default: the trained size)')
+    p.add_argument('--width', type=int, help='image width in pixels (default: the trained size)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--negative_prompt', default='', help='replaces the empty caption of the unconditional branch')
     p.add_argument('--init_image', help='image-to-image: start from this image noised to t = strength')
@@ -200,7 +226,7 @@ if __name__ == '__main__':
     trained = dict(steps=cfg['sample_steps'], cfg=cfg['sample_cfg'], cfg_t_min=cfg.get('cfg_t_min', 0.0),
                    cfg_t_max=cfg.get('cfg_t_max', 1.0))  # the run's sampling settings, unless the flags say otherwise
     gen = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in trained.items()}
-    gen.update(sampler=args.sampler, shift=args.shift, negative_prompt=args.negative_prompt)
+    gen.update(sampler=args.sampler, negative_prompt=args.negative_prompt, **size_and_shift(model, vae, cfg, args))
     if args.eval:
         run_eval(model, te, vae, cfg, step, args, gen)
         raise SystemExit
@@ -212,8 +238,7 @@ if __name__ == '__main__':
         p.error('give at least one --prompt or a --prompts_file')
     init = None
     if args.init_image:
-        size = model.grid * vae.factor
-        img = ImageOps.fit(Image.open(args.init_image).convert('RGB'), (size, size))  # center crop, resize
+        img = ImageOps.fit(Image.open(args.init_image).convert('RGB'), gen['size'][::-1])  # center crop, resize
         img = np.asarray(img, dtype=np.float32) / 127.5 - 1
         init = torch.from_numpy(img).permute(2, 0, 1)[None].expand(len(prompts) * args.n, -1, -1, -1)
     t0 = time.time()

@@ -2,14 +2,13 @@
 Train a flowdit model. One code path for 1 to N processes.
 
 One process (CPU or one GPU):
-    python train.py config/shapes.py
-    python train.py config/shapes.py --batch_size=32 --max_iters=500
+    python train.py config/shapes.py --batch_size=32    # settings: config files, then --key=value overrides
 One node, 8 GPUs:
     torchrun --standalone --nproc_per_node=8 train.py config/laion_b2.py
 Several nodes (run on each, node_rank 0..N-1):
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
         train.py config/laion_b2.py
-Resume where the last checkpoint stopped: add --init_from=resume.
+Resume where the last checkpoint stopped: --init_from=resume. From another run's EMA weights: --init_from=out/ckpt.pt.
 """
 import ast
 import math
@@ -29,12 +28,13 @@ import data
 import flow
 import metrics
 import shapes
-from model import DiT, autocast_for, load_checkpoint, load_text_encoder, load_vae, peak_flops, resolve_dtype, to_device
+from encoders import load_text_encoder, load_vae
+from model import DiT, autocast_for, load_checkpoint, load_weights, peak_flops, resolve_dtype, to_device
 from sample import evaluate_shapes, generate, save_grid, score_images
 
 # ----- I/O
 out_dir = 'out'
-init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt) or a checkpoint path (its EMA; step 0)
 log_interval = 10
 ckpt_interval = 500
 sample_interval = 500  # a PNG grid of sample_prompts from the EMA weights; 0 = never
@@ -44,6 +44,7 @@ sample_prompts = ('large red circle in the center, blue background|small yellow 
 # ----- data
 dataset = 'shapes'  # 'shapes' (embedded, drawn on the fly) or 'laion' (URL shards written by prepare_laion.py)
 image_size = 32
+buckets = ''  # '': image_size squares; 'auto': 1:2 to 2:1 at ~image_size^2 pixels; or 'HxW,HxW' (web.parse_buckets)
 data_shards = 'laion-shards/shard_*.jsonl'  # laion: JSON lines (prepare_laion.py) or tars: glob, {0..9}, URL
 data_workers = 4  # laion: DataLoader worker processes per rank
 fetch_threads = 16  # laion: concurrent fetches per worker
@@ -61,6 +62,7 @@ honor_robots = True  # skip images served with X-Robots-Tag noai / noimageai
 # ----- model and encoders
 model = 'DiT-Ti/4'  # a preset of model.PRESETS
 attn_impl = 'sdpa'  # 'sdpa' or 'manual': the same numbers
+pos_embed = 'table'  # 'table' (learned, for the trained grid) or 'rope' (2D rotary: any size or aspect ratio)
 grad_checkpointing = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
 fsdp = False  # under torchrun: shard weights, grads and optimizer state (FSDP2) instead of replicating them (DDP)
 text_encoder = 'hash'  # 'hash' (weight-free, offline) or a transformers model id / path
@@ -182,10 +184,12 @@ vae_model = load_vae(vae, vae_subfolder).to(device, frozen_dtype)
 if image_size % vae_model.factor:
     sys.exit(f'config error: image_size {image_size} is not a multiple of the VAE downsampling {vae_model.factor}')
 grid = image_size // vae_model.factor
-raw_model = DiT(model, vae_model.channels, text_enc.dim, grid, attn_impl, grad_checkpointing).to(device)
+raw_model = DiT(model, vae_model.channels, text_enc.dim, grid, attn_impl, grad_checkpointing, pos_embed).to(device)
+sizes = data.parse_buckets(buckets, image_size, raw_model.patch * vae_model.factor)  # (height, width) pairs
+sampling['size'] = (image_size, image_size) if (image_size, image_size) in sizes else sizes[0]
 stream_encodes = dataset == 'laion' and vae != ''  # LaionStream gives cached latents (and with cache_text, embeddings)
 if dataset == 'shapes':
-    stream = shapes.ShapesStream(batch_size, image_size, seed, rank, pin_memory=device_type == 'cuda')
+    stream = shapes.ShapesStream(batch_size, image_size, seed, rank, device_type == 'cuda', sizes)
 elif dataset == 'laion':
     stream = data.LaionStream(
         data_shards, batch_size, image_size, seed, rank, world, data_workers, pin_memory=device_type == 'cuda',
@@ -194,7 +198,7 @@ elif dataset == 'laion':
         fetch_threads=fetch_threads, fetch_timeout=fetch_timeout, max_image_bytes=max_image_bytes,
         max_image_pixels=max_image_pixels, min_image_size=min_image_size, random_crop=random_crop,
         random_flip=random_flip, cache_dir=cache_dir, cache_bytes=int(cache_gb * 2 ** 30),
-        allow_private_urls=allow_private_urls, honor_robots=honor_robots)
+        allow_private_urls=allow_private_urls, honor_robots=honor_robots, buckets=sizes)
 else:
     sys.exit(f"config error: dataset must be 'shapes' or 'laion', got {dataset!r}")
 step = 0
@@ -209,8 +213,9 @@ if init_from == 'resume':
         stream.load_state_dict(ckpt['data'][rank])
     else:
         log(f"warning: the checkpoint has {len(ckpt['data'])} ranks' data positions, this run {world}: streams restart")
-elif init_from != 'scratch':
-    sys.exit(f"config error: init_from must be 'scratch' or 'resume', got {init_from!r}")
+elif init_from != 'scratch':  # another run's EMA weights begin this one: fresh optimizer, step 0
+    ema.load_state_dict(load_weights(raw_model, init_from).state_dict())
+    log(f'initialised from the EMA weights of {init_from} (step 0, a fresh optimizer)')
 if fsdp and ddp:  # each block is a unit: its full weights exist only while it runs
     for module in (raw_model, ema):
         for block in module.blocks:
@@ -228,7 +233,8 @@ if init_from == 'resume':  # after sharding: the optimizer state follows the par
     del ckpt
 curves = metrics.Curves(out_dir if tensorboard_log else '', wandb_project if wandb_log else '', wandb_run_name, config,
                         step) if master else metrics.Curves()  # TensorBoard, W&B: rank 0 only
-log(f'{model}: {raw_model.num_params() / 1e6:.2f}M parameters, {grid}x{grid}x{vae_model.channels} latents, '
+latents = '/'.join(f'{h // vae_model.factor}x{w // vae_model.factor}x{vae_model.channels}' for h, w in sizes)
+log(f'{model}: {raw_model.num_params() / 1e6:.2f}M parameters, {latents} latents, '
     f"{world} process(es){' sharded (FSDP)' if fsdp and ddp else ''}, global batch {batch_size * world}")
 flops_per_image = raw_model.flops_per_image(text_max_length)
 peak = peak_flops(device)  # FLOP/s of one GPU; None where it is not known
@@ -374,14 +380,10 @@ while step < max_iters:
             counts = torch.tensor(stream.counters(), dtype=torch.float64, device=device)
             if ddp:
                 dist.all_reduce(counts)
-            new, last_counts = counts - last_counts, counts
-            served, fails = new[0].item(), {r: int(n) for r, n in zip(data.REASONS, new[2:].tolist()) if n}
-            hits, wait, failed = new[1].item() / max(served, 1), data_wait / n_steps, sum(fails.values())
-            failed /= max(served + failed, 1)
-            reasons = ', '.join(f'{r} {n}' for r, n in fails.items()) or 'none'
-            log(f'  data: {served:.0f} served | cache hits {hits:.0%} | wait {1000 * wait:.0f} ms/step '
-                f'({data_wait / dt:.0%}) | failed {failed:.0%} ({reasons})')
-            curves(step, {'data/cache_hits': hits, 'data/wait_ms_per_step': 1000 * wait, 'data/failed': failed})
+            line, scalars = data.health((counts - last_counts).tolist(), data_wait / n_steps, data_wait / dt)
+            last_counts = counts
+            log(line)
+            curves(step, scalars)
         loss_sum.zero_()
         t_last, images_seen, data_wait = time.time(), 0, 0.0
     t_aside = time.time()

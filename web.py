@@ -3,12 +3,17 @@ Images from the hostile web, for data.py's streamer. Real LAION is hostile (dead
 bombs, hosts that resolve into the training cluster's network, DNS answers that change between a check and a
 connection), so fetch() has a total deadline and a byte cap and connects only to public addresses it has checked,
 and decode() checks untrusted bytes before decoding them. A sample that cannot be used
-raises Skip(reason), counted under its reason and skipped.
+raises Skip(reason), counted under its reason and skipped. Also here: the aspect-ratio buckets decode() resizes to,
+and the row sources (JSON-lines and webdataset tar shards, local or over http).
 """
+import glob
 import io
 import ipaddress
+import json
+import math
 import re
 import socket
+import tarfile
 import threading
 import time
 import urllib.parse
@@ -153,8 +158,9 @@ def fetch(session, url, deadline, max_bytes, allow_private, honor_robots, max_re
     raise Skip('redirect_loop')
 
 
-def decode(content, size, max_pixels, min_size):
-    """Raw bytes -> RGB image whose shorter side is `size`, or Skip(reason)."""
+def decode(content, size, max_pixels, min_size, buckets=None):
+    """Raw bytes -> RGB image just covering the bucket nearest its aspect ratio, or Skip(reason). buckets: (height,
+    width) pairs; by default the square of side `size` alone, which the image covers with its shorter side."""
     try:
         im = Image.open(io.BytesIO(content))  # reads the header only
     except Exception:  # HTML served as image/jpeg, unknown formats
@@ -174,6 +180,103 @@ def decode(content, size, max_pixels, min_size):
         im = im.convert('RGB')  # CMYK, palette, grayscale
     except Exception:  # truncated or corrupt data
         raise Skip('not_an_image')
-    scale = size / min(im.size)
-    return im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.BICUBIC,
+    bh, bw = nearest_bucket(im.height, im.width, buckets or [(size, size)])
+    scale = max(bh / im.height, bw / im.width)
+    return im.resize((max(bw, round(im.width * scale)), max(bh, round(im.height * scale))), Image.BICUBIC,
                      reducing_gap=3.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Aspect-ratio buckets: a few (height, width) sizes of about the same area. Each image goes to the one nearest its
+# aspect ratio, which crops least, and every batch is drawn from one bucket.
+
+def parse_buckets(spec, image_size, multiple):
+    """The `buckets` setting -> (height, width) pairs in pixels, multiples of `multiple` (the patch size times the
+    VAE's factor). '': the square of image_size alone; 'auto': from 1:2 to 2:1 at about image_size^2 pixels (at 256
+    px and a multiple of 16: 16x16 latent patches for 1:1, then 15x17, 14x18, 13x19, 13x20, 12x21, 12x22, and
+    transposed); else 'HxW,HxW,...'."""
+    if spec == '':
+        sizes = [(image_size, image_size)]
+    elif spec == 'auto':
+        n = image_size // multiple  # the square's side, in multiples
+        wide = [(round(n * n / w), w) for w in range(n, math.isqrt(2 * n * n) + 1)]  # w / h up to 2
+        sizes = sorted({(h * multiple, w * multiple) for hw in wide for h, w in (hw, hw[::-1])})
+    else:
+        try:
+            sizes = [tuple(int(v) for v in s.lower().split('x')) for s in spec.split(',')]
+            assert all(len(s) == 2 and min(s) > 0 for s in sizes)
+        except (ValueError, AssertionError):
+            raise SystemExit(f"config error: buckets must be '', 'auto' or 'HxW,HxW,...', got {spec!r}")
+    bad = [f'{h}x{w}' for h, w in sizes if h % multiple or w % multiple]
+    if bad:
+        raise SystemExit(f"config error: bucket(s) {', '.join(bad)} not multiples of {multiple} (patch x VAE factor)")
+    return sizes
+
+
+def nearest_bucket(h, w, buckets, inside=False):
+    """The bucket whose aspect ratio is nearest h:w on a log scale: the one that crops least. inside=True prefers
+    those that fit in h x w (an image already resized to cover its bucket finds that bucket again)."""
+    fits = [b for b in buckets if b[0] <= h and b[1] <= w] if inside else []
+    return min(fits or buckets, key=lambda b: (abs(math.log(b[0] * w / (b[1] * h))), -b[0] * b[1]))
+# ----------------------------------------------------------------------------------------------------------------
+# Two row sources, one streamer: prepare_laion.py's JSON lines of URLs, and webdataset tar shards as img2dataset
+# writes them (00000.tar holding 000000000.jpg + .txt + .json), local or over http(s), read as a stream.
+
+IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
+
+
+def shard_list(spec):
+    """data_shards -> shard paths and URLs: a glob, a brace range ('shards/{00000..00999}.tar', zero-padded as
+    written), an http(s) URL, or several of these joined by '::'."""
+    if '::' in spec:
+        return [s for part in spec.split('::') for s in shard_list(part)]
+    m = re.search(r'\{(\d+)\.\.(\d+)\}', spec)
+    if m:
+        a, b = m.groups()
+        return [s for i in range(int(a), int(b) + 1)
+                for s in shard_list(spec[:m.start()] + str(i).zfill(len(a)) + spec[m.end():])]
+    return [spec] if spec.startswith(('http://', 'https://')) else sorted(glob.glob(spec))
+
+
+def jsonl_rows(path):
+    with open(path) as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def tar_rows(path, timeout):
+    """The samples of a webdataset tar as rows {'key', 'caption', 'image'}: members sharing a key (the name up to the
+    first dot of its base name) form a sample. Streamed with the standard library: a tar over http(s) is never
+    downloaded whole. A truncated or unreadable tar ends its shard with a row that fails as 'bad_shard'."""
+    key, parts = None, {}
+    try:
+        if path.startswith(('http://', 'https://')):
+            r = requests.get(path, stream=True, timeout=timeout)
+            r.raise_for_status()
+            r.raw.decode_content = True
+            f = r.raw
+        else:
+            f = open(path, 'rb')
+        with f, tarfile.open(fileobj=f, mode='r|*') as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, _, base = member.name.rpartition('/')
+                stem, _, ext = base.partition('.')
+                if (folder, stem) != key:
+                    if parts:
+                        yield tar_sample(path, key, parts)
+                    key, parts = (folder, stem), {}
+                parts[ext.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, requests.exceptions.RequestException):
+        # the sample being read may lack members: dropped with the rest of the shard
+        yield {'key': f'{path}#end', 'caption': '', 'image': None, 'fails': 'bad_shard'}
+        return
+    if parts:
+        yield tar_sample(path, key, parts)
+
+
+def tar_sample(path, key, parts):
+    image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+    caption = parts.get('txt', b'').decode('utf-8', 'replace').strip()
+    return {'key': f'{path}#{"/".join(k for k in key if k)}', 'caption': caption, 'image': image}

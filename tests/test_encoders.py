@@ -9,7 +9,8 @@ from PIL import Image
 
 import shapes
 from conftest import run, tiny_vae
-from model import DiT, load_text_encoder, load_vae
+from encoders import load_text_encoder, load_vae
+from model import DiT
 
 PROMPTS = ['large red circle in the center, blue background', 'small white square at the top, black background', '']
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from conftest import randomize
-from model import DiT, HashTextEncoder, JointBlock, PRESETS
+from encoders import HashTextEncoder
+from model import DiT, JointBlock, PRESETS, rotary, rotate, token_positions
 
 
 def hand_count(depth, D, heads, p, C, Dt, grid):
@@ -41,20 +42,23 @@ def test_forward_shape_and_unknown_preset():
         DiT('DiT-Q/2', 3, 64, 16)
 
 
-def test_adaln_zero_blocks_start_as_identity():
+@pytest.mark.parametrize('pos_embed', ['table', 'rope'])
+def test_adaln_zero_blocks_start_as_identity(pos_embed):
     torch.manual_seed(0)
-    m = DiT('DiT-Ti/2', 4, 32, 16)
+    m = DiT('DiT-Ti/2', 4, 32, 16, pos_embed=pos_embed)
     x, c, y = torch.randn(2, 64, 192), torch.randn(2, 7, 192), torch.randn(2, 192)
+    rope = rotary(token_positions(8, 8, 7), m.head_dim) if pos_embed == 'rope' else None
     for block in m.blocks:
-        x2, c2 = block(x, c, y)
+        x2, c2 = block(x, c, y, rope)
         assert torch.equal(x2, x) and (c2 is None if block.txt.last else torch.equal(c2, c))
     assert torch.equal(m(torch.randn(2, 4, 16, 16), torch.rand(2), torch.randn(2, 7, 32)), torch.zeros(2, 4, 16, 16))
 
 
-def test_manual_attention_matches_sdpa():
+@pytest.mark.parametrize('pos_embed', ['table', 'rope'])
+def test_manual_attention_matches_sdpa(pos_embed):
     torch.manual_seed(0)
-    sdpa = randomize(DiT('DiT-Ti/2', 3, 64, 16, attn_impl='sdpa'))
-    manual = DiT('DiT-Ti/2', 3, 64, 16, attn_impl='manual')
+    sdpa = randomize(DiT('DiT-Ti/2', 3, 64, 16, attn_impl='sdpa', pos_embed=pos_embed))
+    manual = DiT('DiT-Ti/2', 3, 64, 16, attn_impl='manual', pos_embed=pos_embed)
     manual.load_state_dict(sdpa.state_dict())
     x, t, ctx = torch.randn(3, 3, 16, 16), torch.rand(3), torch.randn(3, 10, 64)
     a, b = sdpa(x, t, ctx), manual(x, t, ctx)
@@ -62,9 +66,10 @@ def test_manual_attention_matches_sdpa():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_every_parameter_learns():
+@pytest.mark.parametrize('pos_embed', ['table', 'rope'])
+def test_every_parameter_learns(pos_embed):
     # a parameter whose gradient is always zero (as the last caption stream's queries would be) is dead weight
-    m = randomize(DiT('DiT-Ti/4', 3, 64, 16))
+    m = randomize(DiT('DiT-Ti/4', 3, 64, 16, pos_embed=pos_embed))
     m(torch.randn(2, 3, 16, 16), torch.rand(2), torch.randn(2, 10, 64)).square().mean().backward()
     dead = [name for name, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not dead, dead
@@ -86,6 +91,50 @@ def test_positional_embedding_resizes_to_another_grid():
     with torch.no_grad():
         m.pos_embed.copy_(torch.arange(m.dim, dtype=torch.float32).expand_as(m.pos_embed))
     assert torch.allclose(m.pos_embed_for(8, 6), m.pos_embed[:, :1].expand(1, 48, -1))
+
+
+def scores(q, k, pos, head_dim=32):
+    cos, sin = rotary(pos, head_dim)
+    return rotate(q, cos, sin) @ rotate(k, cos, sin).transpose(-2, -1)
+
+
+def test_rope_is_relative():
+    # shifting every token by the same (row, column) leaves every attention score as it was
+    torch.manual_seed(0)
+    q, k, pos = torch.randn(2, 3, 22, 32), torch.randn(2, 3, 22, 32), token_positions(3, 4, 10)
+    base = scores(q, k, pos)
+    torch.testing.assert_close(scores(q, k, pos + torch.tensor([5.0, -7.0])), base, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(scores(q, k, pos * 2), base, atol=1e-2)  # while the distances matter
+    # a rotation leaves lengths unchanged
+    cos, sin = rotary(pos, 32)
+    torch.testing.assert_close(rotate(q, cos, sin).norm(dim=-1), q.norm(dim=-1))
+
+
+def test_rope_positions_image_grid_and_captions_at_the_origin():
+    pos = token_positions(2, 3, 4)
+    # image tokens row-major on their grid from the top-left corner; the caption, Flux's way, at the origin
+    assert pos.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]] + [[0, 0]] * 4
+    cos, sin = rotary(pos, 32)
+    assert torch.equal(cos[6:], torch.ones(4, 16)) and torch.equal(sin[6:], torch.zeros(4, 16))  # unrotated
+    # axial: a head's first quarter of pairs turns with the row alone, the second with the column alone
+    freqs = 10000.0 ** (-torch.arange(8) / 8)
+    torch.testing.assert_close(torch.atan2(sin[5], cos[5]), torch.cat([1 * freqs, 2 * freqs]))
+    # so the scores between a caption token and an image token tell where the image token is: absolute position,
+    # which the relative code alone would not give
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 10, 32), torch.randn(1, 1, 10, 32)
+    k[..., :6, :] = k[..., :1, :]  # the same key content on every image token
+    assert scores(q, k, pos)[0, 0, 6, :6].unique().numel() == 6
+
+
+def test_rope_model_has_no_table_and_runs_on_any_grid():
+    m = randomize(DiT('DiT-Ti/4', 3, 64, 16, pos_embed='rope'))
+    assert m.pos_embed is None and 'pos_embed' not in m.state_dict()
+    ctx = torch.randn(1, 10, 64)
+    for h, w in ((16, 16), (12, 20), (24, 8)):
+        assert m(torch.randn(1, 3, h, w), torch.rand(1), ctx).shape == (1, 3, h, w)
+    with pytest.raises(ValueError, match='pos_embed'):
+        DiT('DiT-Ti/4', 3, 64, 16, pos_embed='learned')
 
 
 def test_hash_text_encoder():

@@ -11,7 +11,7 @@ import torch
 import data
 import fault_server as fs
 from conftest import TINY, logged_losses, run, stream_options, tiny_vae
-from model import load_vae
+from encoders import load_vae
 
 SIZE = 16
 
@@ -169,7 +169,7 @@ def test_latent_cache_with_flips_and_caption_embeddings(web, tmp_path):
     url, hits, images = web
     pattern = url_shards(tmp_path / 'shards', url, images)
     vae = Counting(load_vae(tiny_vae(tmp_path / 'vae')))
-    from model import HashTextEncoder
+    from encoders import HashTextEncoder
     text = HashTextEncoder(dim=8, max_length=4)
     calls = []
     encode_text = lambda caps: calls.append(len(caps)) or text(caps)  # noqa: E731
