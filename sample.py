@@ -73,10 +73,11 @@ def size_and_shift(model, vae, cfg, args):
     """--height, --width and --shift -> size and shift: SD3's resolution shift by default at a size the model was not
     trained at (more of the steps near noise, where the layout of a larger image is decided)."""
     unit, square = model.patch * vae.factor, trained_size(cfg)
-    size = (args.height or square[0], args.width or square[1])
+    seen = web.parse_buckets(cfg.get('buckets', ''), cfg['image_size'], unit)
+    default = square if square in seen else seen[0]  # as train.py's grids
+    size = (args.height or default[0], args.width or default[1])
     if size[0] % unit or size[1] % unit:
         raise SystemExit(f'error: --height and --width must be multiples of {unit} (patch x VAE factor), got {size}')
-    seen = web.parse_buckets(cfg.get('buckets', ''), cfg['image_size'], unit)
     shift = args.shift or (1.0 if size in seen else (size[0] * size[1] / (square[0] * square[1])) ** 0.5)
     if size not in seen:
         print(f"note: trained at {', '.join('%dx%d' % b for b in seen)}; {size[0]}x{size[1]} is new to it "

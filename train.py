@@ -62,7 +62,7 @@ honor_robots = True  # skip images served with X-Robots-Tag noai / noimageai
 # ----- model and encoders
 model = 'DiT-Ti/4'  # a preset of model.PRESETS
 attn_impl = 'sdpa'  # 'sdpa' or 'manual': the same numbers
-pos_embed = 'table'  # 'table' (learned, for the trained grid) or 'rope' (2D rotary: any size or aspect ratio)
+pos_embed = 'table'  # 'table' (learned, resized to each grid) or 'rope' (2D rotary: nothing tied to a grid)
 grad_checkpointing = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
 fsdp = False  # under torchrun: shard weights, grads and optimizer state (FSDP2) instead of replicating them (DDP)
 text_encoder = 'hash'  # 'hash' (weight-free, offline) or a transformers model id / path
