@@ -359,7 +359,7 @@ def device_name(device):
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     sub = p.add_subparsers(dest='what', required=True)
-    for name in ('train', 'sample'):
+    for name in ('train', 'sample', 'latent'):
         s = sub.add_parser(name)
         s.add_argument('--model', default='DiT-S/2', choices=list(PRESETS))
         s.add_argument('--res', type=int, default=128, help='pixels; latents are res/8 x res/8 x 4')
@@ -367,8 +367,9 @@ if __name__ == '__main__':
         s.add_argument('--text_len', type=int, default=77)
         s.add_argument('--text_dim', type=int, default=768)
         s.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16', 'float16'])
-        s.add_argument('--compile', action='store_true')
         s.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+        if name != 'latent':
+            s.add_argument('--compile', action='store_true')
     train = sub.choices['train']
     train.add_argument('--steps', type=int, default=5, help='timed steps')
     train.add_argument('--warmup', type=int, default=2)
@@ -387,16 +388,10 @@ if __name__ == '__main__':
     prep.add_argument('--rows_per_file', type=int, default=250_000)
     prep.add_argument('--rows_per_shard', type=int, default=50_000)
     prep.add_argument('--workers', type=int, default=os.cpu_count())
-    latent = sub.add_parser('latent')
-    latent.add_argument('--model', default='DiT-S/2', choices=list(PRESETS))
-    latent.add_argument('--res', type=int, default=64)
-    latent.add_argument('--batch', type=int, default=8)
+    latent = sub.choices['latent']
+    latent.set_defaults(res=64)
     latent.add_argument('--steps', type=int, default=5)
     latent.add_argument('--workers', type=int, default=1)
-    latent.add_argument('--text_len', type=int, default=77)
-    latent.add_argument('--text_dim', type=int, default=768)
-    latent.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16', 'float16'])
-    latent.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     a = p.parse_args()
     {'train': bench_train, 'sample': bench_sample, 'stream': bench_stream, 'latent': bench_latent,
      'prepare': bench_prepare}[a.what](a)

@@ -306,7 +306,10 @@ class LaionStream:
         self.vae, self.text_encoder = vae, text_encoder
         if vae is not None:  # the key names the encoders: a cache made for one VAE is never read by another
             options['latent_tag'], options['vae_factor'] = f'|{cache_tag}', getattr(vae, 'factor', 1)
-        self.dataset = LaionShards(shards, batch_size, image_size, seed, rank, world, workers, options)
+        try:
+            self.dataset = LaionShards(shards, batch_size, image_size, seed, rank, world, workers, options)
+        except ValueError as e:  # too few shards for the ranks and workers: a setting to change, not a crash
+            raise SystemExit(f'error: {e}') from None
         self.workers, self.pin_memory, self.loader, self.stats = workers, pin_memory, None, {}  # stats: per worker
 
     def __next__(self):

@@ -174,6 +174,9 @@ def test_shards_split_disjoint_and_complete_over_ranks_and_workers(server, tmp_p
     assert sorted(seen) == sorted(paths)
     with pytest.raises(ValueError, match='cannot feed'):
         data.LaionShards(shards, 1, SIZE, 0, 0, 3, 2, {})
+    with pytest.raises(SystemExit, match=r'^error: 4 shard\(s\) cannot feed 3 rank\(s\) x 2 worker\(s\)') as e:
+        data.LaionStream(pattern, 2, SIZE, 0, 0, 3, 2, **options(tmp_path))  # as train.py meets it: one line
+    assert '\n' not in str(e.value)
 
 
 def test_resume_serves_each_image_once(server, tmp_path):
