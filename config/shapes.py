@@ -14,6 +14,7 @@ min_lr = 1e-4
 decay_lr = True
 warmup_iters = 100
 ema_decay = 0.998  # averages the last ~500 steps
+t_mean = 1.5  # training t toward noise (median 0.82), where layout is decided: size +4.5, shape +3.6 points (README)
 log_interval = 50
 ckpt_interval = 500
 sample_interval = 700
