@@ -83,6 +83,10 @@ def redirect(to):
     return route
 
 
+class Server(ThreadingHTTPServer):
+    request_queue_size = 128  # not 5: every fetch thread's connect waits, even while a busy CPU starves accept()
+
+
 def start(routes, tls=None):
     """Serve routes on a free loopback port; returns (base_url, hits per path, server). tls: an ssl.SSLContext to
     serve https with."""
@@ -106,9 +110,6 @@ def start(routes, tls=None):
 
         def log_message(self, *args):
             pass
-
-    class Server(ThreadingHTTPServer):
-        request_queue_size = 128  # not 5: every fetch thread's connect waits, even while a busy CPU starves accept()
 
     server = Server(('127.0.0.1', 0), Handler)
     server.daemon_threads = True
