@@ -1,3 +1,4 @@
+import gc
 import os
 import subprocess
 import sys
@@ -11,6 +12,15 @@ sys.path.insert(0, ROOT)
 # a training run small enough for a few seconds on a CPU
 TINY = ['--model=DiT-Ti/4', '--image_size=16', '--batch_size=8', '--text_max_length=10', '--sample_interval=0',
         '--log_interval=1', '--device=cpu']
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage():
+    """A DataLoader left in a reference cycle is stopped here, in its own test's teardown, not whenever the collector
+    next runs: from a later test's fetch thread, its 10 s stop (the collector closes its queues first) timed out that
+    test's fetches."""
+    yield
+    gc.collect()
 
 
 def run(args, check=True, timeout=300, **kw):
@@ -49,8 +59,9 @@ def tiny_vae(path, **config):
 
 
 def stream_options(tmp_path, size, **kw):
-    """LaionShards / LaionStream options for a test: loopback allowed, a cache under tmp_path."""
-    o = dict(fetch_threads=8, fetch_timeout=1.0, max_image_bytes=2_000_000, max_image_pixels=50_000_000,
+    """LaionShards / LaionStream options for a test: loopback allowed, a cache under tmp_path. The deadline is train.py's
+    (a fetch that fails is cached as failed: a CI host stalling for a second must not lose a good image for good)."""
+    o = dict(fetch_threads=8, fetch_timeout=10.0, max_image_bytes=2_000_000, max_image_pixels=50_000_000,
              min_image_size=size, allow_private_urls=True, honor_robots=True, random_crop=False, random_flip=False,
              cache_dir=str(tmp_path / 'cache'), cache_bytes=1 << 30)
     return {**o, **kw}
