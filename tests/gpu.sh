@@ -1,0 +1,71 @@
+# The GPU checks behind README's GPU table, on one GPU with no network. One stage per call (each fits 10 minutes);
+# logs land in $OUT (default gpu-logs). Run each alone: a suite in the background starves a training run's CPU.
+#   bash tests/gpu.sh suite      # the whole suite, GPU-only tests included, one line per test
+#   bash tests/gpu.sh train      # a LAION-shaped run (DiT-B/2, 256 px, SD-VAE and CLIP-L sizes): DDP, resume, FSDP
+#   bash tests/gpu.sh profile    # torch.profiler over 30 steps of that run with a warm latent cache
+#   bash tests/gpu.sh bench      # bench.py train at DiT-B/2 and DiT-XL/2 against diffusers' MMDiT, and sampling
+#   bash tests/gpu.sh bench_xl_compiled
+OUT=${OUT:-gpu-logs}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+    'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+LAION="config/laion_b2.py --data_shards=/tmp/fake/shards/*.jsonl --vae=/tmp/fake/vae --text_encoder=/tmp/fake/clip
+    --allow_private_urls=True --log_interval=10 --sample_interval=0 --warmup_iters=50 --learning_rate=3e-4
+    --cache_dir=/dev/shm/fake-cache"
+
+serve() {  # 2,048 generated photos on a loopback server, their shards, random-weight SD-VAE and CLIP-L (~70 s)
+    (cd tests && python3 offline_laion.py /tmp/fake --images 2048 > "$OUT/server.log" 2>&1 &)
+    while [ ! -f /tmp/fake/ready ]; do sleep 1; done
+}
+
+suite() {
+    timeout 540 python3 -m pytest -v -n 8 -p no:benchmark --timeout=300 > "$OUT/pytest.log" 2>&1
+    grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest.log" | tail -30
+}
+
+train() {
+    serve
+    local run="timeout 150 python3 -m torch.distributed.run --standalone --nproc_per_node=1 train.py $LAION"
+    $run --max_iters=200 --ckpt_interval=200 --out_dir=/tmp/full > "$OUT/full.log" 2>&1  # fills the latent cache
+    $run --max_iters=100 --ckpt_interval=100 --out_dir=/tmp/half > "$OUT/half.log" 2>&1
+    cp -r /tmp/half /tmp/half-fsdp
+    $run --max_iters=200 --init_from=resume --out_dir=/tmp/half > "$OUT/resume.log" 2>&1
+    $run --max_iters=200 --init_from=resume --fsdp=True --out_dir=/tmp/half-fsdp > "$OUT/fsdp.log" 2>&1
+    timeout 60 python3 sample.py --out_dir=/tmp/half --prompt "w1 w2 w3" --prompt "w4 w5" --n 4 \
+        --out "$OUT/sample.png" > "$OUT/sample.log" 2>&1
+    for f in full resume fsdp; do echo "== $f"; grep "^step\|resumed\|sharded\|Error" "$OUT/$f.log" | tail -11; done
+    tail -1 "$OUT/sample.log"
+}
+
+profile() {
+    serve
+    timeout 200 python3 train.py $LAION --max_iters=70 --out_dir=/tmp/warm > "$OUT/warm.log" 2>&1  # caches epoch 1
+    timeout 200 python3 -c "
+import runpy, sys, torch
+from torch.profiler import profile, ProfilerActivity
+sys.argv = ['train.py'] + sys.argv[1:]
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    runpy.run_path('train.py', run_name='__main__')
+for key in ('self_cuda_time_total', 'self_cpu_time_total'):
+    print(prof.key_averages().table(sort_by=key, row_limit=25))
+" $LAION --max_iters=30 --out_dir=/tmp/prof --ckpt_interval=1000 2>&1 | tee "$OUT/profile.log" | tail -70
+}
+
+bench() {
+    local b="timeout 300 python3 bench.py train --res 256 --steps 10 --warmup 3"
+    $b --model DiT-B/2 --batch 128 --compile 2>&1 | tee "$OUT/b2-compiled.log"
+    $b --model DiT-B/2 --batch 128 2>&1 | tee "$OUT/b2-eager.log"
+    timeout 200 python3 bench.py sample --model DiT-B/2 --res 256 --batch 64 --steps 28 --cfg 4 --compile 2>&1 |
+        tee "$OUT/sample.log"
+    $b --model DiT-XL/2 --batch 32 2>&1 | tee "$OUT/xl2-eager.log"
+    $b --model DiT-XL/2 --batch 128 --grad_checkpointing 2>&1 | tee "$OUT/xl2-eager-ckpt.log"
+}
+
+bench_xl_compiled() {
+    timeout 500 python3 bench.py train --res 256 --steps 10 --warmup 3 --model DiT-XL/2 --batch 32 --compile 2>&1 |
+        tee "$OUT/xl2-compiled.log"
+}
+
+"$@"
