@@ -3,6 +3,7 @@ import argparse
 import io
 import json
 import math
+import sys
 import tarfile
 
 import numpy as np
@@ -136,7 +137,7 @@ def test_shapes_buckets_and_judge_on_non_square_canvases():
 
 
 def test_progressive_resolution_and_sampling_at_another_size(tmp_path):
-    train = ['python', 'train.py', *TINY, '--ckpt_interval=100']
+    train = [sys.executable, 'train.py', *TINY, '--ckpt_interval=100']
     run([*train, '--image_size=32', '--max_iters=3', f'--out_dir={tmp_path / "a"}'])
     src = torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)
     # 32 px -> 48 px from the EMA weights, fresh optimizer; with lr 0 the weights stay the source's EMA, its learned
@@ -156,7 +157,7 @@ def test_progressive_resolution_and_sampling_at_another_size(tmp_path):
         load_weights(misfit, str(tmp_path / 'nowhere' / 'ckpt.pt'))
     # sampling at a size it was not trained at: cells of that size, SD3's shift by default
     out = tmp_path / 'wide.png'
-    p = run(['python', 'sample.py', f'--out_dir={tmp_path / "a"}', '--prompt', 'red circle', '--prompt', 'blue',
+    p = run([sys.executable, 'sample.py', f'--out_dir={tmp_path / "a"}', '--prompt', 'red circle', '--prompt', 'blue',
              '--n', '3', '--steps', '2', '--height', '32', '--width', '64', '--out', str(out)])
     assert Image.open(out).size == (3 * 64, 2 * 32)
     assert 'new to it' in p.stdout and f'time shift {math.sqrt(2):.2f}' in p.stdout
