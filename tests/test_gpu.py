@@ -41,7 +41,7 @@ def test_compiled_bf16_with_checkpointing_matches_eager():
     def err(name, what):  # relative to fp32
         return ((what[name] - what['fp32']).norm() / what['fp32'].norm()).item()
     for what in (outs, grads):
-        assert err('eager', what) < 2e-2  # bf16's rounding, no more
+        assert err('eager', what) < 5e-2  # bf16's rounding, no more (1% on outputs, 2% on gradients on a CPU)
         assert err('compiled', what) < 2 * err('eager', what) + 1e-3, (err('compiled', what), err('eager', what))
 
 
