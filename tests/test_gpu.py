@@ -59,8 +59,8 @@ def test_host_batches_are_pinned_and_copied_without_waiting_for_the_gpu(tars, tm
 
 
 def test_train_on_the_gpu_picks_bf16_and_compiles(tmp_path):
-    p = run([sys.executable, 'train.py', *TINY, '--device=cuda', '--max_iters=30', '--learning_rate=1e-3', '--warmup_iters=5',
-             f'--out_dir={tmp_path}'])
+    p = run([sys.executable, 'train.py', *TINY, '--device=cuda', '--max_iters=30', '--learning_rate=1e-3',
+             '--warmup_iters=5', f'--out_dir={tmp_path}'])
     assert 'bfloat16' in p.stdout.splitlines()[0], p.stdout.splitlines()[0]
     losses = logged_losses(p.stdout)
     assert sorted(losses) == list(range(1, 31))
