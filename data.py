@@ -17,6 +17,7 @@ import tempfile
 import numpy as np
 import torch
 
+from model import to_device
 from shapes import CAPTION, ShapesStream, adherence, all_scenes, judge  # noqa: F401 (their first home)
 from web import (IMAGE_EXTS, REASONS, Skip, decode, fetch, jsonl_rows, nearest_bucket,  # noqa: F401
                  parse_buckets, session, shard_list, tar_rows)  # (REASONS: train.py's log; the rest: their old home)
@@ -330,7 +331,7 @@ class LaionStream:
         device = next(self.vae.parameters(), torch.empty(0)).device
         z, ctx = [b['latents']], [b['texts']]
         if b['pixels'] is not None:
-            px = b['pixels'].to(device, non_blocking=True).float() / 127.5 - 1  # (M, 3, S, S)
+            px = to_device(b['pixels'], device).float() / 127.5 - 1  # (M, 3, S, S)
             views = 2 if self.dataset.o['random_flip'] else 1
             lat = self.vae.encode(torch.cat([px, px.flip(-1)][:views])).half()  # (views * M, C, h, w)
             lat = lat.unflatten(0, (views, -1)).transpose(0, 1)  # (M, views, C, h, w)
@@ -339,12 +340,13 @@ class LaionStream:
             lat_np, txt_np = lat.cpu().numpy(), txt.cpu().numpy() if txt is not None else None
             for i, key in enumerate(b['keys']):
                 self.cache.put(key, arrays=[lat_np[i]] + ([txt_np[i]] if txt is not None else []))
-            z.append(lat[torch.arange(len(miss)), b['flip'].long().to(device) if views == 2 else 0])
+            pick = to_device(b['flip'].long(), device) if views == 2 else 0  # the view each sample trains on
+            z.append(lat[torch.arange(len(miss), device=device), pick])
             ctx.append(txt)
-        order = torch.cat([b['hit'].nonzero()[:, 0], (~b['hit']).nonzero()[:, 0]]).to(device)  # hits, then misses
+        order = to_device(torch.cat([b['hit'].nonzero()[:, 0], (~b['hit']).nonzero()[:, 0]]), device)  # hits, misses
 
         def in_order(parts):  # hits and misses back in the batch's order, fp32
-            joined = torch.cat([t.to(device, non_blocking=True) for t in parts if t is not None])
+            joined = torch.cat([to_device(t, device) for t in parts if t is not None])
             return torch.empty_like(joined).index_copy_(0, order, joined).float()
         return in_order(z), captions if self.text_encoder is None else in_order(ctx)
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import data
-from conftest import TINY, logged_losses, randomize, run
+from conftest import TINY, logged_losses, randomize, run, tiny_vae
+from encoders import load_vae
 from model import DiT, to_device
-from test_shards import SIZE, options, tars  # noqa: F401 (tars: a fixture)
+from test_shards import SIZE, epoch_latents, options, tars, url_shards, web  # noqa: F401 (tars, web: fixtures)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
 
@@ -57,6 +58,20 @@ def test_host_batches_are_pinned_and_copied_without_waiting_for_the_gpu(tars, tm
     pageable = torch.randn(4, 3, 64, 64)
     assert torch.equal(to_device(pageable, 'cuda').cpu(), pageable)  # pinned on the way, same numbers
 
+
+
+def test_a_warm_latent_cache_serves_without_waiting_for_the_gpu(web, tmp_path):  # noqa: F811
+    url, _, images = web
+    vae = load_vae(tiny_vae(tmp_path / 'vae')).cuda()
+    stream = data.LaionStream(url_shards(tmp_path / 'shards', url, images), 4, SIZE, 0, 0, 1, 0, pin_memory=True,
+                              vae=vae, cache_tag='gpu', **options(tmp_path))
+    first = epoch_latents(stream, len(images))  # every latent encoded on the GPU and cached
+    torch.cuda._sleep(2_000_000_000)  # keep the GPU busy for about a second
+    t0 = time.perf_counter()
+    z, captions = next(stream)  # the second epoch: all hits
+    assert time.perf_counter() - t0 < 0.5 and not torch.cuda.current_stream().query()
+    assert stream.counters()[1] == 4 and z.device.type == 'cuda'
+    assert all(torch.equal(a, first[c]) for a, c in zip(z, captions))
 
 def test_train_on_the_gpu_picks_bf16_and_compiles(tmp_path):
     p = run([sys.executable, 'train.py', *TINY, '--device=cuda', '--max_iters=30', '--learning_rate=1e-3',
