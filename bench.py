@@ -253,8 +253,8 @@ def bench_stream(a):
 def bench_latent(a):
     """A training step fed pre-made latents, fed by the stream's warm latent cache, and encoding pixels with the VAE
     on the fly: the same DiT, batch and VAE (SD-VAE's architecture; FLOPs do not depend on the random weights)."""
-    from diffusers import AutoencoderKL
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tests'))  # fault_server.py
+    from offline_laion import save_sd_vae
     dtype = resolve_dtype(a.dtype, a.device)[0]
     autocast = autocast_for(a.device, dtype)
     photos = web_photos(4 * a.batch)
@@ -262,11 +262,8 @@ def bench_latent(a):
     proc = multiprocessing.Process(target=serve, args=(photos, [], [], q), daemon=True)
     proc.start()
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
-        AutoencoderKL(down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4,
-                      block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                      sample_size=256, scaling_factor=0.18215).save_pretrained(os.path.join(tmp, 'vae'))
         frozen = torch.bfloat16 if dtype == 'bfloat16' else torch.float32
-        vae = load_vae(os.path.join(tmp, 'vae')).to(a.device, frozen)
+        vae = load_vae(save_sd_vae(os.path.join(tmp, 'vae'))).to(a.device, frozen)
         o = dict(fetch_threads=16, fetch_timeout=10.0, max_image_bytes=16_000_000, max_image_pixels=50_000_000,
                  min_image_size=64, allow_private_urls=True, honor_robots=True, random_crop=False, random_flip=True,
                  cache_dir=os.path.join(tmp, 'cache'), cache_bytes=1 << 34)

@@ -19,14 +19,20 @@ import fault_server as fs
 VOCAB = 49408  # CLIP-L's
 
 
-def save_encoders(root):
+def save_sd_vae(path):
+    """SD-VAE's architecture (stabilityai/sd-vae-ft-ema's config) with random weights: its FLOPs, not its output."""
     from diffusers import AutoencoderKL
+    AutoencoderKL(down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4,
+                  block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=256,
+                  scaling_factor=0.18215).save_pretrained(path)
+    return str(path)
+
+
+def save_encoders(root):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
     torch.manual_seed(0)
-    AutoencoderKL(down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4,
-                  block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=256,
-                  scaling_factor=0.18215).save_pretrained(os.path.join(root, 'vae'))  # SD-VAE's config
+    save_sd_vae(os.path.join(root, 'vae'))
     words = ['[PAD]', '[UNK]', '[BOS]', '[EOS]'] + [f'w{i}' for i in range(VOCAB - 4)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token='[UNK]'))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
