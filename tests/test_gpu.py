@@ -59,7 +59,6 @@ def test_host_batches_are_pinned_and_copied_without_waiting_for_the_gpu(tars, tm
     assert torch.equal(to_device(pageable, 'cuda').cpu(), pageable)  # pinned on the way, same numbers
 
 
-
 def test_a_warm_latent_cache_serves_without_waiting_for_the_gpu(web, tmp_path):  # noqa: F811
     url, _, images = web
     vae = load_vae(tiny_vae(tmp_path / 'vae')).cuda()
@@ -72,6 +71,7 @@ def test_a_warm_latent_cache_serves_without_waiting_for_the_gpu(web, tmp_path): 
     assert time.perf_counter() - t0 < 0.5 and not torch.cuda.current_stream().query()
     assert stream.counters()[1] == 4 and z.device.type == 'cuda'
     assert all(torch.equal(a, first[c]) for a, c in zip(z, captions))
+
 
 def test_train_on_the_gpu_picks_bf16_and_compiles(tmp_path):
     p = run([sys.executable, 'train.py', *TINY, '--device=cuda', '--max_iters=30', '--learning_rate=1e-3',
