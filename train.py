@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -107,13 +108,16 @@ wandb_run_name = ''
 seed = 0
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # autocast: the fastest safe one here (model.choose_dtype), or float32 / bfloat16 / float16
-compile = torch.cuda.is_available()
+compile = True  # torch.compile on CUDA; on the CPU only when set (inductor's C++ backend takes minutes there)
 
 
 def configure(settings, argv):
     """Apply config files (exec'd) and --key=value overrides to the settings dict; unknown keys and values of
-    another type are errors."""
+    another type are errors. Returns the keys that were set."""
+    given = set()
+
     def apply(key, value, where):
+        given.add(key)
         if key not in settings:
             sys.exit(f'config error: unknown setting {key!r} ({where})')
         old = settings[key]
@@ -141,10 +145,12 @@ def configure(settings, argv):
             for key, value in scope.items():
                 if not key.startswith('_'):
                     apply(key, value, arg)
+    return given
 
 
 settings = {k: v for k, v in globals().items() if not k.startswith('_') and type(v) in (int, float, bool, str)}
-configure(settings, sys.argv[1:])
+given = configure(settings, sys.argv[1:])
+settings['compile'] &= settings['device'].startswith('cuda') or 'compile' in given
 globals().update(settings)
 config = dict(settings)  # what the checkpoint records
 sampling = dict(steps=sample_steps, cfg=sample_cfg, cfg_t_min=cfg_t_min, cfg_t_max=cfg_t_max)  # grids and evals
@@ -217,10 +223,11 @@ elif init_from != 'scratch':  # another run's EMA weights begin this one: fresh 
     ema.load_state_dict(load_weights(raw_model, init_from).state_dict())
     log(f'initialised from the EMA weights of {init_from} (step 0, a fresh optimizer)')
 if fsdp and ddp:  # each block is a unit: its full weights exist only while it runs
+    mesh = init_device_mesh(device_type, (world,))  # its own default is CUDA wherever CUDA exists
     for module in (raw_model, ema):
         for block in module.blocks:
-            fully_shard(block)
-        fully_shard(module)
+            fully_shard(block, mesh=mesh)
+        fully_shard(module, mesh=mesh)
 optimizer = torch.optim.AdamW(raw_model.parameters(), lr=learning_rate, betas=(beta1, beta2),
                               weight_decay=weight_decay, fused=True)
 full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # one plain format, sharded or not

@@ -2,7 +2,7 @@
 # logs land in $OUT (default gpu-logs). Run each alone: a suite in the background starves a training run's CPU.
 #   bash tests/gpu.sh suite      # the whole suite, GPU-only tests included, one line per test
 #   bash tests/gpu.sh train      # a LAION-shaped run (DiT-B/2, 256 px, SD-VAE and CLIP-L sizes): DDP, resume, FSDP
-#   bash tests/gpu.sh profile    # torch.profiler over 30 steps of that run with a warm latent cache
+#   bash tests/gpu.sh profile    # cProfile and torch.profiler over 20 steps of that run with a warm latent cache
 #   bash tests/gpu.sh bench      # bench.py train at DiT-B/2 and DiT-XL/2 against diffusers' MMDiT, and sampling
 #   bash tests/gpu.sh bench_xl_compiled
 OUT=${OUT:-gpu-logs}
@@ -21,8 +21,9 @@ serve() {  # 2,048 generated photos on a loopback server, their shards, random-w
 }
 
 suite() {
-    timeout 540 python3 -m pytest -v -n 8 -p no:benchmark --timeout=300 > "$OUT/pytest.log" 2>&1
-    grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest.log" | tail -30
+    timeout 280 python3 -m pytest -v -n 10 -p no:benchmark --timeout=120 -rfE --tb=short --durations=10 \
+        > "$OUT/pytest.log" 2>&1
+    grep -E "FAILED|ERROR|Timeout|passed|failed" "$OUT/pytest.log" | tail -40
 }
 
 train() {
@@ -39,18 +40,29 @@ train() {
     tail -1 "$OUT/sample.log"
 }
 
-profile() {
+profile() {  # one run: epoch 1 fills the latent cache (64 steps), steps 80-100 run under cProfile and torch.profiler
     serve
-    timeout 200 python3 train.py $LAION --max_iters=70 --out_dir=/tmp/warm > "$OUT/warm.log" 2>&1  # caches epoch 1
-    timeout 200 python3 -c "
-import runpy, sys, torch
+    TORCH_LOGS=recompiles,graph_breaks timeout 300 python3 -c "
+import cProfile, pstats, runpy, sys, time, torch
+import data
 from torch.profiler import profile, ProfilerActivity
+prof, cprof, times, nxt = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]), cProfile.Profile(), [], data.LaionStream.__next__
+def timed_next(self):  # once per step
+    times.append(time.perf_counter())
+    if len(times) == 80: prof.start(); cprof.enable()
+    if len(times) == 100: cprof.disable(); prof.stop()
+    return nxt(self)
+data.LaionStream.__next__ = timed_next
 sys.argv = ['train.py'] + sys.argv[1:]
-with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-    runpy.run_path('train.py', run_name='__main__')
+runpy.run_path('train.py', run_name='__main__')
+dt = [b - a for a, b in zip(times, times[1:])]
+print('ms per step, 10-step means:', [round(1e3 * sum(dt[i:i + 10]) / 10, 1) for i in range(0, len(dt) - 9, 10)])
+pstats.Stats(cprof).sort_stats('tottime').print_stats(25)
+pstats.Stats(cprof).sort_stats('cumtime').print_stats(40)
 for key in ('self_cuda_time_total', 'self_cpu_time_total'):
-    print(prof.key_averages().table(sort_by=key, row_limit=25))
-" $LAION --max_iters=30 --out_dir=/tmp/prof --ckpt_interval=1000 2>&1 | tee "$OUT/profile.log" | tail -70
+    print(prof.key_averages().table(sort_by=key, row_limit=20))
+" $LAION --max_iters=110 --out_dir=/tmp/prof --ckpt_interval=1000 > "$OUT/profile.log" 2>&1
+    grep -E "^step|ms per step|recompil|graph break" "$OUT/profile.log" | cut -c1-300 | tail -30
 }
 
 bench() {

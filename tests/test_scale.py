@@ -80,7 +80,7 @@ def test_compiled_training_matches_eager_and_saves_plain_checkpoints(tmp_path):
 @pytest.mark.slow
 def test_bench_prints_its_tables():
     p = run([sys.executable, 'bench.py', 'train', '--model', 'DiT-Ti/4', '--res', '64', '--batch', '2', '--steps', '1',
-             '--warmup', '1', '--text_len', '8', '--text_dim', '32'])
+             '--warmup', '1', '--text_len', '8', '--text_dim', '32', '--device=cpu'])
     assert re.search(r'^flowdit\s+[\d.]+M\s+[\d.]+\s+[\d.]+\s+n/a', p.stdout, re.M), p.stdout
     assert re.search(r'^diffusers SD3Transformer2DModel\s+[\d.]+M', p.stdout, re.M), p.stdout
     params = re.findall(r'\s([\d.]+)M\s', p.stdout)

@@ -101,6 +101,16 @@ def test_config_file_and_overrides(tmp_path):
     assert p.returncode == 0
 
 
+
+def test_compile_follows_the_device_unless_set(tmp_path):
+    # on a GPU machine, --device=cpu must not compile for the CPU (inductor's C++ backend takes minutes) unless asked
+    probe = ("import runpy, sys, torch; torch.cuda.is_available = lambda: True; "
+             "torch.compile = lambda m, **kw: print('torch.compile called') or m; "
+             "sys.argv = sys.argv[1:]; runpy.run_path('train.py', run_name='__main__')")
+    args = [sys.executable, '-c', probe, 'train.py', *TINY, '--max_iters=0', f'--out_dir={tmp_path}']
+    assert 'torch.compile called' not in run(args).stdout
+    assert 'torch.compile called' in run(args + ['--compile=True']).stdout
+
 def test_every_shipped_config_is_valid(tmp_path):
     # each file is applied and checked key by key; the overrides after it keep the run offline and instant
     for name in sorted(os.listdir(os.path.join(os.path.dirname(__file__), '..', 'config'))):
