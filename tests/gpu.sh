@@ -2,6 +2,7 @@
 # logs land in $OUT (default gpu-logs). Run each alone: a suite in the background starves a training run's CPU.
 #   bash tests/gpu.sh suite      # the whole suite, GPU-only tests included, one line per test
 #   bash tests/gpu.sh train      # a LAION-shaped run (DiT-B/2, 256 px, SD-VAE and CLIP-L sizes): DDP, resume, FSDP
+#   bash tests/gpu.sh resume     # the same, short: 60 steps in one go against 30 + 30 resumed
 #   bash tests/gpu.sh profile    # cProfile and torch.profiler over 20 steps of that run with a warm latent cache
 #   bash tests/gpu.sh bench      # bench.py train at DiT-B/2 and DiT-XL/2 against diffusers' MMDiT, and sampling
 #   bash tests/gpu.sh bench_xl_compiled
@@ -38,6 +39,15 @@ train() {
         --out "$OUT/sample.png" > "$OUT/sample.log" 2>&1
     for f in full resume fsdp; do echo "== $f"; grep "^step\|resumed\|sharded\|Error" "$OUT/$f.log" | tail -11; done
     tail -1 "$OUT/sample.log"
+}
+
+resume() {  # exact resume on the GPU, short: 0 -> 60 in one go against 0 -> 30, resumed -> 60
+    serve
+    local run="timeout 110 python3 -m torch.distributed.run --standalone --nproc_per_node=1 train.py $LAION"
+    $run --max_iters=60 --log_interval=5 --out_dir=/tmp/r-full > "$OUT/r-full.log" 2>&1
+    $run --max_iters=30 --log_interval=5 --ckpt_interval=30 --out_dir=/tmp/r-half > "$OUT/r-half.log" 2>&1
+    $run --max_iters=60 --log_interval=5 --init_from=resume --out_dir=/tmp/r-half > "$OUT/r-resume.log" 2>&1
+    for f in r-full r-half r-resume; do echo "== $f"; grep "^step\|resumed\|Error" "$OUT/$f.log" | cut -c1-60; done
 }
 
 profile() {  # one run: epoch 1 fills the latent cache (64 steps), steps 80-100 run under cProfile and torch.profiler
