@@ -43,7 +43,7 @@ train() {
 
 resume() {  # exact resume on the GPU, short: 0 -> 60 in one go against 0 -> 30, resumed -> 60
     serve
-    local run="timeout 110 python3 -m torch.distributed.run --standalone --nproc_per_node=1 train.py $LAION"
+    local run="timeout 200 python3 -m torch.distributed.run --standalone --nproc_per_node=1 train.py $LAION"
     $run --max_iters=60 --log_interval=5 --out_dir=/tmp/r-full > "$OUT/r-full.log" 2>&1
     $run --max_iters=30 --log_interval=5 --ckpt_interval=30 --out_dir=/tmp/r-half > "$OUT/r-half.log" 2>&1
     $run --max_iters=60 --log_interval=5 --init_from=resume --out_dir=/tmp/r-half > "$OUT/r-resume.log" 2>&1
