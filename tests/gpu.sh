@@ -15,6 +15,7 @@ python3 -c "import torch, diffusers, transformers; print('torch', torch.__versio
 LAION="config/laion_b2.py --data_shards=/tmp/fake/shards/*.jsonl --vae=/tmp/fake/vae --text_encoder=/tmp/fake/clip
     --allow_private_urls=True --log_interval=10 --sample_interval=0 --warmup_iters=50 --learning_rate=3e-4
     --cache_dir=/dev/shm/fake-cache"
+TORCHRUN="timeout 200 python3 -m torch.distributed.run --standalone --nproc_per_node=1 train.py $LAION"  # a first compile ~85 s
 
 serve() {  # 2,048 generated photos on a loopback server, their shards, random-weight SD-VAE and CLIP-L (~70 s)
     (cd tests && python3 offline_laion.py /tmp/fake --images 2048 > "$OUT/server.log" 2>&1 &)
@@ -22,19 +23,18 @@ serve() {  # 2,048 generated photos on a loopback server, their shards, random-w
 }
 
 suite() {
-    timeout 280 python3 -m pytest -v -n 10 -p no:benchmark --timeout=120 -rfE --tb=short --durations=10 \
+    timeout 420 python3 -m pytest -v -n 10 -p no:benchmark --timeout=200 -rfE --tb=short --durations=10 \
         > "$OUT/pytest.log" 2>&1
     grep -E "FAILED|ERROR|Timeout|passed|failed" "$OUT/pytest.log" | tail -40
 }
 
 train() {
     serve
-    local run="timeout 150 python3 -m torch.distributed.run --standalone --nproc_per_node=1 train.py $LAION"
-    $run --max_iters=200 --ckpt_interval=200 --out_dir=/tmp/full > "$OUT/full.log" 2>&1  # fills the latent cache
-    $run --max_iters=100 --ckpt_interval=100 --out_dir=/tmp/half > "$OUT/half.log" 2>&1
+    $TORCHRUN --max_iters=200 --ckpt_interval=200 --out_dir=/tmp/full > "$OUT/full.log" 2>&1  # fills the latent cache
+    $TORCHRUN --max_iters=100 --ckpt_interval=100 --out_dir=/tmp/half > "$OUT/half.log" 2>&1
     cp -r /tmp/half /tmp/half-fsdp
-    $run --max_iters=200 --init_from=resume --out_dir=/tmp/half > "$OUT/resume.log" 2>&1
-    $run --max_iters=200 --init_from=resume --fsdp=True --out_dir=/tmp/half-fsdp > "$OUT/fsdp.log" 2>&1
+    $TORCHRUN --max_iters=200 --init_from=resume --out_dir=/tmp/half > "$OUT/resume.log" 2>&1
+    $TORCHRUN --max_iters=200 --init_from=resume --fsdp=True --out_dir=/tmp/half-fsdp > "$OUT/fsdp.log" 2>&1
     timeout 60 python3 sample.py --out_dir=/tmp/half --prompt "w1 w2 w3" --prompt "w4 w5" --n 4 \
         --out "$OUT/sample.png" > "$OUT/sample.log" 2>&1
     for f in full resume fsdp; do echo "== $f"; grep "^step\|resumed\|sharded\|Error" "$OUT/$f.log" | tail -11; done
@@ -43,10 +43,9 @@ train() {
 
 resume() {  # exact resume on the GPU, short: 0 -> 60 in one go against 0 -> 30, resumed -> 60
     serve
-    local run="timeout 200 python3 -m torch.distributed.run --standalone --nproc_per_node=1 train.py $LAION"
-    $run --max_iters=60 --log_interval=5 --out_dir=/tmp/r-full > "$OUT/r-full.log" 2>&1
-    $run --max_iters=30 --log_interval=5 --ckpt_interval=30 --out_dir=/tmp/r-half > "$OUT/r-half.log" 2>&1
-    $run --max_iters=60 --log_interval=5 --init_from=resume --out_dir=/tmp/r-half > "$OUT/r-resume.log" 2>&1
+    $TORCHRUN --max_iters=60 --log_interval=5 --out_dir=/tmp/r-full > "$OUT/r-full.log" 2>&1
+    $TORCHRUN --max_iters=30 --log_interval=5 --ckpt_interval=30 --out_dir=/tmp/r-half > "$OUT/r-half.log" 2>&1
+    $TORCHRUN --max_iters=60 --log_interval=5 --init_from=resume --out_dir=/tmp/r-half > "$OUT/r-resume.log" 2>&1
     for f in r-full r-half r-resume; do echo "== $f"; grep "^step\|resumed\|Error" "$OUT/$f.log" | cut -c1-60; done
 }
 
