@@ -18,7 +18,7 @@ def hand_count(depth, D, heads, p, C, Dt, grid):
     return blocks + embed + final
 
 
-@pytest.mark.parametrize('name', ['DiT-Ti/4', 'DiT-S/2', 'DiT-B/2', 'DiT-L/4', 'DiT-XL/2', 'DiT-XL/8'])
+@pytest.mark.parametrize('name', ['DiT-Mi/4', 'DiT-Ti/4', 'DiT-S/2', 'DiT-B/2', 'DiT-L/4', 'DiT-XL/2', 'DiT-XL/8'])
 def test_presets_shapes_and_parameter_counts(name):
     depth, D, heads, p = PRESETS[name]
     with torch.device('meta'):  # XL/2 needs no memory to be counted
@@ -42,11 +42,15 @@ def test_forward_shape_and_unknown_preset():
         DiT('DiT-Q/2', 3, 64, 16)
 
 
+SMALL = ['DiT-Mi/2', 'DiT-Ti/2']  # the shapes default's width and the one before it
+
+
+@pytest.mark.parametrize('name', SMALL)
 @pytest.mark.parametrize('pos_embed', ['table', 'rope'])
-def test_adaln_zero_blocks_start_as_identity(pos_embed):
+def test_adaln_zero_blocks_start_as_identity(pos_embed, name):
     torch.manual_seed(0)
-    m = DiT('DiT-Ti/2', 4, 32, 16, pos_embed=pos_embed)
-    x, c, y = torch.randn(2, 64, 192), torch.randn(2, 7, 192), torch.randn(2, 192)
+    m = DiT(name, 4, 32, 16, pos_embed=pos_embed)
+    x, c, y = torch.randn(2, 64, m.dim), torch.randn(2, 7, m.dim), torch.randn(2, m.dim)
     rope = rotary(token_positions(8, 8, 7), m.head_dim) if pos_embed == 'rope' else None
     for block in m.blocks:
         x2, c2 = block(x, c, y, rope)
@@ -54,11 +58,12 @@ def test_adaln_zero_blocks_start_as_identity(pos_embed):
     assert torch.equal(m(torch.randn(2, 4, 16, 16), torch.rand(2), torch.randn(2, 7, 32)), torch.zeros(2, 4, 16, 16))
 
 
+@pytest.mark.parametrize('name', SMALL)
 @pytest.mark.parametrize('pos_embed', ['table', 'rope'])
-def test_manual_attention_matches_sdpa(pos_embed):
+def test_manual_attention_matches_sdpa(pos_embed, name):
     torch.manual_seed(0)
-    sdpa = randomize(DiT('DiT-Ti/2', 3, 64, 16, attn_impl='sdpa', pos_embed=pos_embed))
-    manual = DiT('DiT-Ti/2', 3, 64, 16, attn_impl='manual', pos_embed=pos_embed)
+    sdpa = randomize(DiT(name, 3, 64, 16, attn_impl='sdpa', pos_embed=pos_embed))
+    manual = DiT(name, 3, 64, 16, attn_impl='manual', pos_embed=pos_embed)
     manual.load_state_dict(sdpa.state_dict())
     x, t, ctx = torch.randn(3, 3, 16, 16), torch.rand(3), torch.randn(3, 10, 64)
     a, b = sdpa(x, t, ctx), manual(x, t, ctx)
@@ -66,10 +71,11 @@ def test_manual_attention_matches_sdpa(pos_embed):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('name', SMALL)
 @pytest.mark.parametrize('pos_embed', ['table', 'rope'])
-def test_every_parameter_learns(pos_embed):
+def test_every_parameter_learns(pos_embed, name):
     # a parameter whose gradient is always zero (as the last caption stream's queries would be) is dead weight
-    m = randomize(DiT('DiT-Ti/4', 3, 64, 16, pos_embed=pos_embed))
+    m = randomize(DiT(name, 3, 64, 16, pos_embed=pos_embed))
     m(torch.randn(2, 3, 16, 16), torch.rand(2), torch.randn(2, 10, 64)).square().mean().backward()
     dead = [name for name, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not dead, dead

@@ -47,6 +47,19 @@ def test_resume_gives_the_same_losses(trained, tmp_path):
     assert all(resumed[s] == full[s] for s in resumed), (full, resumed)
 
 
+def test_the_shapes_default_model_resumes_exactly(tmp_path):
+    # the preset config/shapes.py trains (at a tiny size): a resumed run logs the losses of an unbroken one
+    scope = {}
+    exec(open(os.path.join(ROOT, 'config', 'shapes.py')).read(), scope)
+    model = f"--model={scope['model']}"
+    full = logged_losses(train(tmp_path / 'a', model, '--max_iters=4').stdout)
+    train(tmp_path / 'b', model, '--max_iters=2')
+    p = train(tmp_path / 'b', model, '--max_iters=4', '--init_from=resume')
+    assert f"{scope['model']}:" in p.stdout
+    resumed = logged_losses(p.stdout)
+    assert sorted(resumed) == [3, 4] and all(resumed[s] == full[s] for s in resumed), (full, resumed)
+
+
 def test_sample_grid(trained, tmp_path):
     out, _ = trained
     args = [sys.executable, 'sample.py', f'--out_dir={out}', '--prompt', 'large red circle in the center, blue background',
