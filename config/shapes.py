@@ -4,7 +4,7 @@
 # bf16 is ~20x slower.
 out_dir = 'out-shapes'
 model = 'DiT-Mi/4'  # 6 blocks x 128 wide (2 heads of 64), 64 image tokens (32/4)^2 + 8 caption tokens: 1.7x the
-# steps of the 192-wide Ti/4 in the same minutes, and shape +6 / +9 points over it at equal time (README)
+# steps of the 192-wide Ti/4 in the same minutes, and shape +3.6 / +9.0 points over it (README)
 image_size = 32
 text_max_length = 8  # every caption of the spec has 8 words
 attn_impl = 'manual'  # the CPU's fused attention kernel is slow backward in bf16 for 72 tokens: +20-30% img/s
