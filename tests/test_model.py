@@ -77,7 +77,7 @@ def test_every_parameter_learns(pos_embed, name):
     # a parameter whose gradient is always zero (as the last caption stream's queries would be) is dead weight
     m = randomize(DiT(name, 3, 64, 16, pos_embed=pos_embed))
     m(torch.randn(2, 3, 16, 16), torch.rand(2), torch.randn(2, 10, 64)).square().mean().backward()
-    dead = [name for name, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    dead = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not dead, dead
 
 
