@@ -37,25 +37,19 @@ def test_train_logs_and_checkpoint(trained):
     assert ckpt['ema']['final.weight'].abs().sum() > 0
 
 
-def test_resume_gives_the_same_losses(trained, tmp_path):
-    _, stdout = trained
-    train(tmp_path, '--max_iters=3')
-    p = train(tmp_path, '--max_iters=6', '--init_from=resume')
-    assert 'resumed' in p.stdout
-    full, resumed = logged_losses(stdout), logged_losses(p.stdout)
-    assert sorted(resumed) == [4, 5, 6]
-    assert all(resumed[s] == full[s] for s in resumed), (full, resumed)
-
-
-def test_the_shapes_default_model_resumes_exactly(tmp_path):
-    # the preset config/shapes.py trains (at a tiny size): a resumed run logs the losses of an unbroken one
+def shapes_default_model():
     scope = {}
     exec(open(os.path.join(ROOT, 'config', 'shapes.py')).read(), scope)
-    model = f"--model={scope['model']}"
-    full = logged_losses(train(tmp_path / 'a', model, '--max_iters=4').stdout)
-    train(tmp_path / 'b', model, '--max_iters=2')
-    p = train(tmp_path / 'b', model, '--max_iters=4', '--init_from=resume')
-    assert f"{scope['model']}:" in p.stdout
+    return scope['model']
+
+
+# TINY's model, and the preset config/shapes.py trains (at a tiny size)
+@pytest.mark.parametrize('model', ['DiT-Ti/4', shapes_default_model()])
+def test_resume_gives_the_same_losses(tmp_path, model):
+    full = logged_losses(train(tmp_path / 'a', f'--model={model}', '--max_iters=4').stdout)
+    train(tmp_path / 'b', f'--model={model}', '--max_iters=2')
+    p = train(tmp_path / 'b', f'--model={model}', '--max_iters=4', '--init_from=resume')
+    assert 'resumed' in p.stdout and f'{model}:' in p.stdout
     resumed = logged_losses(p.stdout)
     assert sorted(resumed) == [3, 4] and all(resumed[s] == full[s] for s in resumed), (full, resumed)
 
