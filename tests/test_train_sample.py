@@ -11,8 +11,8 @@ from PIL import Image
 from conftest import ROOT, TINY, logged_losses, run
 
 
-def train(out_dir, *extra):
-    return run([sys.executable, 'train.py', *TINY, f'--out_dir={out_dir}', *extra])
+def train(out_dir, *extra, check=True):
+    return run([sys.executable, 'train.py', *TINY, f'--out_dir={out_dir}', *extra], check=check)
 
 
 @pytest.fixture(scope='module')
@@ -37,21 +37,28 @@ def test_train_logs_and_checkpoint(trained):
     assert ckpt['ema']['final.weight'].abs().sum() > 0
 
 
-def shapes_default_model():
+def shapes_default(*keys):
     scope = {}
     exec(open(os.path.join(ROOT, 'config', 'shapes.py')).read(), scope)
-    return scope['model']
+    return [f'--{k}={scope[k]}' for k in keys]
 
 
-# TINY's model, and the preset config/shapes.py trains (at a tiny size)
-@pytest.mark.parametrize('model', ['DiT-Ti/4', shapes_default_model()])
-def test_resume_gives_the_same_losses(tmp_path, model):
-    full = logged_losses(train(tmp_path / 'a', f'--model={model}', '--max_iters=4').stdout)
-    train(tmp_path / 'b', f'--model={model}', '--max_iters=2')
-    p = train(tmp_path / 'b', f'--model={model}', '--max_iters=4', '--init_from=resume')
-    assert 'resumed' in p.stdout and f'{model}:' in p.stdout
+# TINY's settings, and the preset and optimizer config/shapes.py trains with (at a tiny size)
+@pytest.mark.parametrize('settings', [[], shapes_default('model', 'optimizer')], ids=['tiny', 'shapes'])
+def test_resume_gives_the_same_losses(tmp_path, settings):
+    full = logged_losses(train(tmp_path / 'a', *settings, '--max_iters=4').stdout)
+    train(tmp_path / 'b', *settings, '--max_iters=2')
+    p = train(tmp_path / 'b', *settings, '--max_iters=4', '--init_from=resume')
+    assert 'resumed' in p.stdout
     resumed = logged_losses(p.stdout)
     assert sorted(resumed) == [3, 4] and all(resumed[s] == full[s] for s in resumed), (full, resumed)
+    summary = next(line for line in p.stdout.splitlines() if 'parameters' in line)  # model, ..., optimizer
+    assert all(setting.split('=')[1] in summary for setting in settings), summary  # the config's were in force
+    # another optimizer cannot take over the state: a one-line error, the checkpoint kept
+    other = '--optimizer=adamw' if settings else '--optimizer=muon'
+    bad = train(tmp_path / 'b', *settings, other, '--max_iters=6', '--init_from=resume', check=False)
+    assert bad.returncode != 0 and 'was trained with optimizer' in bad.stderr.strip().splitlines()[-1]
+    assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['step'] == 4
 
 
 def test_sample_grid(trained, tmp_path):
@@ -100,13 +107,14 @@ def test_config_file_and_overrides(tmp_path):
     one_line_error(run([sys.executable, 'train.py', '--max_iters=ten'], check=False), 'max_iters must be int')
     one_line_error(run([sys.executable, 'train.py', '--compile=1'], check=False), 'compile must be bool')
     one_line_error(run([sys.executable, 'train.py', str(tmp_path / 'none.py')], check=False), 'no config file')
+    one_line_error(run([sys.executable, 'train.py', '--optimizer=sgd'], check=False), "optimizer must be 'adamw' or 'muon'")
+    one_line_error(run([sys.executable, 'train.py', '--optimizer=muon', '--fsdp=True'], check=False), 'fsdp=False')
     bad = tmp_path / 'bad.py'
     bad.write_text('batch_size = 8\nlearnig_rate = 3e-4\n')
     one_line_error(run([sys.executable, 'train.py', str(bad)], check=False), "unknown setting 'learnig_rate'", str(bad))
     # an int is a fine float
     p = run([sys.executable, 'train.py', *TINY, '--learning_rate=1', '--max_iters=0', f'--out_dir={tmp_path}'])
     assert p.returncode == 0
-
 
 
 def test_compile_follows_the_device_unless_set(tmp_path):
