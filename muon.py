@@ -6,7 +6,8 @@ iteration, so every direction of the matrix moves by about the same amount. The 
 
 torch.optim.Muon computes the same thing, always in bf16, which a CPU without native bf16 emulates ~30x slower than
 fp32 (Newton-Schulz on 20 of DiT-Mi/4's matrices, one thread: 910 ms against 29 ms). This one iterates in
-`ns_dtype`: bf16 where it is native, else fp32. With ns_dtype=torch.bfloat16 it gives torch.optim.Muon(adjust_lr_fn='match_rms_adamw')'s numbers (tests/).
+`ns_dtype`: bf16 where it is native, else fp32. With ns_dtype=torch.bfloat16 it gives
+torch.optim.Muon(adjust_lr_fn='match_rms_adamw')'s numbers (tests/test_muon.py).
 """
 import torch
 

@@ -352,13 +352,13 @@ while step < max_iters:
     ctx = torch.where(drop[:, None, None], uncond, ctx)
     t = flow.sample_t(B, t_sampling, t_mean, t_std, gen, device)
     noise = torch.randn(z0.shape, generator=gen, device=device)
-    for group in (group for opt in optimizers for group in opt.param_groups):
-        group['lr'] = lr_at(step)
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+        for group in opt.param_groups:
+            group['lr'] = lr_at(step)
     with autocast:
         per_sample = flow.loss(net, z0, t, ctx, noise)
     loss = per_sample.mean()
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()  # with fp32 or bf16 the scaler is off: plain backward and step
     if grad_clip > 0:
         for opt in optimizers:

@@ -64,7 +64,8 @@ def test_with_adamw_splits_the_blocks_matrices_from_the_rest_and_everything_lear
     assert on_muon | on_adamw == set(names.values()) and not on_muon & on_adamw  # each parameter once
     assert all(n.startswith('blocks.') and n.endswith('.weight') and 'norm' not in n for n in on_muon)
     assert {'blocks.0.img.mlp.0.weight', 'blocks.0.txt.mod.1.weight'} <= on_muon
-    assert {'final.weight', 'patch_embed.weight', 'pos_embed', 'blocks.0.img.mlp.0.bias', 'blocks.0.img.q_norm.weight'} <= on_adamw
+    assert {'final.weight', 'patch_embed.weight', 'pos_embed', 'blocks.0.img.mlp.0.bias',
+            'blocks.0.img.q_norm.weight'} <= on_adamw
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     x, ctx = torch.randn(2, 3, 16, 16), torch.randn(2, 10, 64)
     flow.loss(m, x, torch.rand(2), ctx, torch.randn_like(x)).mean().backward()

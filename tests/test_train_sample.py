@@ -107,7 +107,8 @@ def test_config_file_and_overrides(tmp_path):
     one_line_error(run([sys.executable, 'train.py', '--max_iters=ten'], check=False), 'max_iters must be int')
     one_line_error(run([sys.executable, 'train.py', '--compile=1'], check=False), 'compile must be bool')
     one_line_error(run([sys.executable, 'train.py', str(tmp_path / 'none.py')], check=False), 'no config file')
-    one_line_error(run([sys.executable, 'train.py', '--optimizer=sgd'], check=False), "optimizer must be 'adamw' or 'muon'")
+    one_line_error(run([sys.executable, 'train.py', '--optimizer=sgd'], check=False),
+                   "optimizer must be 'adamw' or 'muon'")
     one_line_error(run([sys.executable, 'train.py', '--optimizer=muon', '--fsdp=True'], check=False), 'fsdp=False')
     bad = tmp_path / 'bad.py'
     bad.write_text('batch_size = 8\nlearnig_rate = 3e-4\n')
