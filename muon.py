@@ -12,17 +12,40 @@ torch.optim.Muon(adjust_lr_fn='match_rms_adamw')'s numbers (tests/test_muon.py).
 import torch
 
 
+A, B, C = 3.4445, -4.7750, 2.0315  # the quintic's coefficients, tuned for speed over exactness (Jordan et al.)
+
+
+def newton_schulz(x, steps):
+    # x: (m, n), m <= n, spectral norm <= 1. Each step: x <- a x + (b G + c G^2) x, G = x x^T (m, m)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=B, alpha=C), x, beta=A)
+    return x
+
+
+def gram_newton_schulz(x, steps):
+    """newton_schulz's numbers in (m, m) products: each step multiplies x on the left by P = a I + b G + c G^2, a
+    polynomial in G that commutes with it, so x_k = P_k ... P_1 x and the next G = P G P. 4 m^2 n + 34 m^3 FLOPs
+    against 5 (4 m^2 n + 2 m^3): fewer where n > 1.5 m (DiT's modulation and MLP matrices: 1.3-2x faster)."""
+    gram, q = x @ x.T, None
+    for i in range(steps):
+        poly = torch.addmm(gram, gram, gram, beta=B, alpha=C)
+        poly.diagonal().add_(A)
+        q = poly if q is None else poly @ q
+        if i < steps - 1:
+            gram = poly @ gram @ poly
+    return q @ x
+
+
 def orthogonalise(g, dtype, steps=5):
-    """~U V^T of g = U S V^T by a quintic Newton-Schulz iteration tuned for speed over exactness: the singular values
-    land in about [0.5, 1.5], which trains as well as exact ones (Jordan et al.)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+    """~U V^T of g = U S V^T: the singular values land in about [0.5, 1.5], which trains as well as exact ones
+    (Jordan et al.). Wide matrices take the Gram form in fp32 only: its recursion on G drifts in bf16's rounding."""
     x = g.to(dtype)
     tall = x.size(0) > x.size(1)
     x = x.T if tall else x  # (m, n), m <= n: the Gram matrix is the smaller one
     x = x / x.norm().clamp(min=1e-7)  # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
-    for _ in range(steps):
-        gram = x @ x.T  # (m, m)
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a x + (b G + c G^2) x
+    wide = dtype == torch.float32 and x.size(1) > 1.5 * x.size(0)
+    x = gram_newton_schulz(x, steps) if wide else newton_schulz(x, steps)
     return x.T if tall else x
 
 

@@ -43,6 +43,20 @@ def test_fp32_newton_schulz_orthogonalises(shape):
     assert (o - muon.orthogonalise(grad, torch.bfloat16).float()).abs().max() < 0.05
 
 
+@pytest.mark.parametrize('shape', [(32, 64), (16, 96), (128, 768)])
+def test_the_gram_form_computes_the_direct_iterations_numbers(shape):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    x = x / x.norm()
+    direct = muon.newton_schulz(x, 5)
+    assert (muon.gram_newton_schulz(x, 5) - direct).abs().max() < 1e-4
+    assert (direct - x).abs().max() > 0.1  # five steps moved it far: the agreement is not of two no-ops
+    wide = torch.randn(shape, generator=g)  # orthogonalise takes the Gram form for fp32 wide and tall matrices
+    for m in (wide, wide.T):  # float64 takes the direct form
+        exact = muon.orthogonalise(m.double(), torch.float64).float()
+        assert (muon.orthogonalise(m, torch.float32) - exact).abs().max() < 1e-4
+
+
 def test_the_update_has_adamws_rms():
     p = torch.nn.Parameter(torch.zeros(128, 512))
     p.grad = torch.randn(128, 512)
