@@ -10,7 +10,6 @@ Several nodes (run on each, node_rank 0..N-1):
         train.py config/laion_b2.py
 Resume where the last checkpoint stopped: --init_from=resume. From another run's EMA weights: --init_from=out/ckpt.pt.
 """
-import ast
 import math
 import os
 import sys
@@ -30,6 +29,7 @@ import flow
 import metrics
 import muon
 import shapes
+from configurator import configure
 from encoders import load_text_encoder, load_vae
 from model import DiT, autocast_for, load_checkpoint, load_weights, peak_flops, resolve_dtype, to_device
 from sample import evaluate_shapes, generate, save_grid, score_images
@@ -111,44 +111,6 @@ seed = 0
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # autocast: the fastest safe one here (model.choose_dtype), or float32 / bfloat16 / float16
 compile = True  # torch.compile on CUDA; on the CPU only when set (inductor's C++ backend takes minutes there)
-
-
-def configure(settings, argv):
-    """Apply config files (exec'd) and --key=value overrides to the settings dict; unknown keys and values of
-    another type are errors. Returns the keys that were set."""
-    given = set()
-
-    def apply(key, value, where):
-        given.add(key)
-        if key not in settings:
-            sys.exit(f'config error: unknown setting {key!r} ({where})')
-        old = settings[key]
-        if type(value) is int and type(old) is float:
-            value = float(value)
-        if type(value) is not type(old):
-            sys.exit(f'config error: {key} must be {type(old).__name__}, got {value!r} ({where})')
-        settings[key] = value
-
-    for arg in argv:
-        if arg.startswith('--'):
-            key, sep, text = arg[2:].partition('=')
-            if not sep:
-                sys.exit(f'config error: write --{key}=VALUE')
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text  # a bare string, e.g. --out_dir=out-shapes
-            apply(key, value, 'command line')
-        else:
-            if not os.path.isfile(arg):
-                sys.exit(f'config error: no config file {arg}')
-            scope = {}
-            exec(open(arg).read(), scope)
-            for key, value in scope.items():
-                if not key.startswith('_'):
-                    apply(key, value, arg)
-    return given
-
 
 settings = {k: v for k, v in globals().items() if not k.startswith('_') and type(v) in (int, float, bool, str)}
 given = configure(settings, sys.argv[1:])

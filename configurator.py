@@ -1,0 +1,46 @@
+"""
+train.py's settings from config files and --key=value overrides, as in nanoGPT: a config file is plain Python
+whose globals replace the settings of the same name, then each --key=value does; every setting keeps its type.
+
+    python train.py config/shapes.py --batch_size=32 --out_dir=out-b32
+"""
+import ast
+import os
+import sys
+
+
+def configure(settings, argv):
+    """Apply config files (exec'd) and --key=value overrides to the settings dict; unknown keys and values of
+    another type are errors. Returns the keys that were set."""
+    given = set()
+
+    def apply(key, value, where):
+        given.add(key)
+        if key not in settings:
+            sys.exit(f'config error: unknown setting {key!r} ({where})')
+        old = settings[key]
+        if type(value) is int and type(old) is float:
+            value = float(value)
+        if type(value) is not type(old):
+            sys.exit(f'config error: {key} must be {type(old).__name__}, got {value!r} ({where})')
+        settings[key] = value
+
+    for arg in argv:
+        if arg.startswith('--'):
+            key, sep, text = arg[2:].partition('=')
+            if not sep:
+                sys.exit(f'config error: write --{key}=VALUE')
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare string, e.g. --out_dir=out-shapes
+            apply(key, value, 'command line')
+        else:
+            if not os.path.isfile(arg):
+                sys.exit(f'config error: no config file {arg}')
+            scope = {}
+            exec(open(arg).read(), scope)
+            for key, value in scope.items():
+                if not key.startswith('_'):
+                    apply(key, value, arg)
+    return given

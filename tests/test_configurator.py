@@ -1,0 +1,32 @@
+import pytest
+
+from configurator import configure
+
+
+def settings():
+    return dict(batch_size=64, learning_rate=1e-4, decay_lr=False, out_dir='out')
+
+
+def test_a_config_file_then_the_command_line(tmp_path):
+    cfg = tmp_path / 'c.py'
+    cfg.write_text("batch_size = 32\nlearning_rate = 1  # an int where a float is expected\n_private = 'ignored'\n")
+    s = settings()
+    given = configure(s, [str(cfg), '--batch_size=16', '--decay_lr=True', '--out_dir=out-b16'])
+    assert s == dict(batch_size=16, learning_rate=1.0, decay_lr=True, out_dir='out-b16')  # the command line wins
+    assert type(s['learning_rate']) is float
+    assert given == {'batch_size', 'learning_rate', 'decay_lr', 'out_dir'}
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--batch_sise=16'], "unknown setting 'batch_sise' (command line)"),
+    (['--batch_size=1.5'], 'batch_size must be int, got 1.5 (command line)'),
+    (['--decay_lr=1'], 'decay_lr must be bool, got 1'),
+    (['--batch_size'], 'write --batch_size=VALUE'),
+    (['no/such/config.py'], 'no config file no/such/config.py'),
+])
+def test_bad_settings_stop_with_one_line(argv, message):
+    s = settings()
+    with pytest.raises(SystemExit) as e:
+        configure(s, argv)
+    assert str(e.value).startswith('config error: ') and message in str(e.value) and '\n' not in str(e.value)
+    assert s == settings()  # the bad value is not applied
