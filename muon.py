@@ -39,7 +39,7 @@ def gram_newton_schulz(x, steps):
 
 def orthogonalise(g, dtype, steps=5):
     """~U V^T of g = U S V^T: the singular values land in about [0.5, 1.5], which trains as well as exact ones
-    (Jordan et al.). Wide matrices take the Gram form in fp32 only: its recursion on G drifts in bf16's rounding."""
+    (Jordan et al.). Wide matrices take the Gram form in fp32 only: bf16 keeps torch.optim.Muon's own numbers."""
     x = g.to(dtype)
     tall = x.size(0) > x.size(1)
     x = x.T if tall else x  # (m, n), m <= n: the Gram matrix is the smaller one
