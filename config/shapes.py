@@ -22,5 +22,7 @@ t_mean = 1.5  # training t toward noise (median 0.82), where layout is decided: 
 log_interval = 50
 ckpt_interval = 500
 sample_interval = 960
+sample_cfg = 3.0  # guidance scale of the grids and sample.py's default for this run: shape +0.2-1.9, size +0.5-1.0
+# points over 4.0 on three seeds (README)
 cfg_t_min = 0.22  # guidance only in the middle of t (sample.py's default for this run): size +2.5 points (README)
 cfg_t_max = 0.84
