@@ -60,7 +60,7 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):  # no closure is used; torch.distributed.checkpoint's loading passes None
         for group in self.param_groups:
-            lr, momentum = group['lr'], group['momentum']
+            lr, momentum, decay = group['lr'], group['momentum'], group['weight_decay']
             for p in group['params']:
                 if p.grad is None:
                     continue
@@ -70,7 +70,8 @@ class Muon(torch.optim.Optimizer):
                 buf = state['momentum_buffer']
                 buf.lerp_(p.grad, 1 - momentum)
                 update = orthogonalise(p.grad.lerp(buf, momentum), self.ns_dtype)  # Nesterov's look-ahead
-                p.mul_(1 - lr * group['weight_decay'])
+                if decay:  # no pass over the weights for nothing (the shapes default has none)
+                    p.mul_(1 - lr * decay)
                 p.add_(update, alpha=-lr * 0.2 * max(p.shape) ** 0.5)  # RMS 0.2 * lr, as AdamW's typical update
 
 
@@ -78,6 +79,7 @@ def with_adamw(model, lr, betas, weight_decay, ns_dtype):
     """[AdamW, Muon]: Muon for the weight matrices of model.blocks, AdamW for the rest (embeddings, biases, norms,
     the input, time, caption and output layers), as Muon's authors split a network."""
     matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
-    rest = [p for p in model.parameters() if all(p is not m for m in matrices)]
+    on_muon = set(map(id, matrices))
+    rest = [p for p in model.parameters() if id(p) not in on_muon]
     return [torch.optim.AdamW(rest, lr=lr, betas=betas, weight_decay=weight_decay, fused=True),
             Muon(matrices, lr=lr, weight_decay=weight_decay, ns_dtype=ns_dtype)]
