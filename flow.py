@@ -18,12 +18,20 @@ def sample_t(n, mode, mean=0.0, std=1.0, generator=None, device='cpu'):
     raise ValueError(f"unknown t sampling {mode!r}: use 'uniform' or 'logit_normal'")
 
 
-def loss(model, z0, t, ctx, noise):
-    """Per-sample mean squared error of the predicted velocity, (B,)."""
+def loss(model, z0, t, ctx, noise, contrast=0.0):
+    """Per-sample mean squared error of the predicted velocity, (B,). With contrast > 0, minus `contrast` times the
+    error against the next sample's target in the batch (contrastive flow matching, Stoica et al. 2025): it pushes
+    the velocities of different captions apart, and can go below zero. Its minimiser is (the flow's velocity -
+    contrast * the mean target, -mean(z0)) / (1 - contrast): samples land a little further from the mean image."""
     tt = t.view(-1, *[1] * (z0.dim() - 1))
     zt = (1 - tt) * z0 + tt * noise
-    v = model(zt, t, ctx)
-    return ((v.float() - (noise - z0).float()) ** 2).mean(dim=tuple(range(1, z0.dim())))
+    v = model(zt, t, ctx).float()
+    target = (noise - z0).float()
+    dims = tuple(range(1, z0.dim()))
+    per_sample = ((v - target) ** 2).mean(dim=dims)
+    if contrast:
+        per_sample = per_sample - contrast * ((v - target.roll(1, 0)) ** 2).mean(dim=dims)
+    return per_sample
 
 
 def shift_t(t, shift):

@@ -77,6 +77,7 @@ t_sampling = 'logit_normal'  # or 'uniform'
 t_mean = 0.0
 t_std = 1.0
 cond_drop = 0.1  # probability a caption is replaced by "" so classifier-free guidance works
+contrast = 0.0  # contrastive flow matching's weight (flow.loss): > 0 pushes different captions' velocities apart
 # ----- optimisation
 batch_size = 64  # per process
 max_iters = 1000
@@ -319,7 +320,7 @@ while step < max_iters:
         for group in opt.param_groups:
             group['lr'] = lr_at(step)
     with autocast:
-        per_sample = flow.loss(net, z0, t, ctx, noise)
+        per_sample = flow.loss(net, z0, t, ctx, noise, contrast)
     loss = per_sample.mean()
     scaler.scale(loss).backward()  # with fp32 or bf16 the scaler is off: plain backward and step
     if grad_clip > 0:

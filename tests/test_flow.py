@@ -30,6 +30,25 @@ def test_loss_of_the_exact_field_is_the_conditional_variance():
     assert wrong > 3
 
 
+def test_contrastive_loss_and_its_minimiser():
+    g = torch.Generator().manual_seed(2)
+    n, d, lam = 4000, 64, 0.2
+    z0 = MU + SIGMA * torch.randn(n, d, generator=g)
+    noise = torch.randn(n, d, generator=g)
+    t = torch.rand(n, generator=g)
+    exact = lambda z, t, ctx: exact_velocity(z, t)  # noqa: E731
+    plain = flow.loss(exact, z0, t, None, noise)
+    assert torch.equal(flow.loss(exact, z0, t, None, noise, contrast=0.0), plain)
+    z_t = (1 - t[:, None]) * z0 + t[:, None] * noise
+    against_next = ((exact_velocity(z_t, t) - (noise - z0).roll(1, 0)) ** 2).mean(1)  # sample i-1's target
+    assert torch.allclose(flow.loss(exact, z0, t, None, noise, contrast=lam), plain - lam * against_next)
+    # the minimiser moves away from the mean target (-MU): (v - lam * (-MU)) / (1 - lam)
+    shifted = lambda z, t, ctx: (exact_velocity(z, t) + lam * MU) / (1 - lam)  # noqa: E731
+    best = flow.loss(shifted, z0, t, None, noise, contrast=lam).mean()
+    for other in (exact, lambda z, t, ctx: 0.9 * shifted(z, t, ctx), lambda z, t, ctx: 1.1 * shifted(z, t, ctx)):
+        assert flow.loss(other, z0, t, None, noise, contrast=lam).mean() > best + 0.005
+
+
 def test_samplers_reproduce_gaussian_data():
     noise = torch.randn(200_000, generator=torch.Generator().manual_seed(1))
 
