@@ -112,7 +112,9 @@ class LaionShards(torch.utils.data.IterableDataset):
     'texts') and the crops it lacks ('pixels', 'flip', 'keys'), 'hit' marking which is which; LaionStream encodes and
     caches the crops. With o['buckets'] ((height, width) pairs; web.parse_buckets), each image is cropped to the
     bucket nearest its aspect ratio and every batch comes from one bucket: a row waits in its bucket's batch, and is
-    finished only when that batch is yielded. Buckets come as often as the data holds them."""
+    finished only when that batch is yielded. Buckets come as often as the data holds them. The one inexact resume:
+    a position names one epoch, so a bucket's rows of the last epoch still waiting when another bucket yields in the
+    next are not served after resuming from it (fewer than batch_size per bucket, at an epoch's end only)."""
 
     def __init__(self, shards, batch_size, image_size, seed, rank, world, workers, o):
         super().__init__()
