@@ -81,6 +81,8 @@ contrast = 0.0  # contrastive flow matching's weight (flow.loss): > 0 pushes dif
 # ----- optimisation
 batch_size = 64  # per process
 max_iters = 1000
+max_minutes = 0.0  # > 0: at step 50 max_iters is lowered to the steps that fit this many minutes at the speed measured
+# so far, so a slower machine trains fewer steps in the same time (the log says how many); 0 = max_iters alone
 learning_rate = 1e-4
 min_lr = 1e-5
 warmup_iters = 100
@@ -177,6 +179,8 @@ elif dataset == 'laion':
 else:
     sys.exit(f"config error: dataset must be 'shapes' or 'laion', got {dataset!r}")
 step = 0
+budget_step = 50  # max_minutes: the speed up to this step fixes max_iters. Inside the warmup of the configs that set
+# it, so the schedule is that of a run given the same max_iters from the start: the two train the same numbers
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 ema = deepcopy(raw_model).requires_grad_(False)  # synced with the model, from scratch and on resume
 if init_from == 'resume':
@@ -187,6 +191,8 @@ if init_from == 'resume':
     raw_model.load_state_dict(ckpt['model'])
     ema.load_state_dict(ckpt['ema'])
     step = ckpt['step']
+    if max_minutes and step >= budget_step:  # the first run fixed the budget: keep its step count
+        max_iters = config['max_iters'] = min(max_iters, ckpt['config']['max_iters'])
     if len(ckpt['data']) == world:
         stream.load_state_dict(ckpt['data'][rank])
     else:
@@ -334,6 +340,12 @@ while step < max_iters:
     with torch.no_grad():
         torch._foreach_lerp_(ema_params, model_params, 1 - decay)
     step += 1
+    if max_minutes and step == budget_step:
+        fit = int(max_minutes * 60 * (step - step_start) / (time.time() - t_begin))
+        fit = max(step, min(gather(fit)))  # rank 0's speed alone could differ from a slower rank's: take the slowest
+        if fit < max_iters:
+            log(f'max_minutes {max_minutes:g}: max_iters {max_iters} -> {fit}, the steps that fit at this speed')
+            max_iters = config['max_iters'] = fit
 
     loss_sum += loss.detach()
     b = (t * n_bins).long().clamp(max=n_bins - 1)

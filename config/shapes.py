@@ -1,4 +1,4 @@
-# The embedded default: a text-conditioned DiT on 32x32 shapes, trained on a 2-core CPU in 7-13 minutes.
+# The embedded default: a text-conditioned DiT on 32x32 shapes, trained on a 2-core CPU in at most 13 minutes.
 #   python train.py config/shapes.py && python sample.py --prompt "large red circle in the center, blue background"
 # dtype stays 'auto': bf16 where the CPU computes it natively (AVX512-BF16, AMX, ARM bf16), else fp32, as emulated
 # bf16 is ~20x slower.
@@ -11,8 +11,9 @@ attn_impl = 'manual'  # the CPU's fused attention kernel is slow backward in bf1
 batch_size = 32  # small batches: more updates from the same images, which is what a short run lacks
 optimizer = 'muon'  # Muon for the blocks' matrices, AdamW for the rest: in the same minutes as AdamW's 2,390 steps,
 # shape +10.5 / -0.4 points and size +5.7 / +2.9 over it (seeds 0 / 1, README)
-max_iters = 1920  # a fixed budget of 61,440 images: 1,720 Muon steps took the time of AdamW's 2,390; the exact GELU
-# and Newton-Schulz in Gram form made a step 1.12-1.15x cheaper, so 1,920 fit the same minutes (README)
+max_iters = 2400  # 76,800 images where they fit: 1.25x the images of 1,920 steps gave shape +0.9 to +3.3 (README)
+max_minutes = 11.0  # where they do not, fewer steps: CPUs without native bf16 differ 2x in speed, and a run
+# drifts 10-20% after step 50 measures it (README)
 learning_rate = 4e-3  # a small model with AdaLN-Zero takes 40x the DiT paper's rate: shape +6 points over 1e-3 (README)
 min_lr = 4e-4
 decay_lr = True
@@ -23,7 +24,7 @@ contrast = 0.05  # contrastive flow matching (Stoica et al. 2025; flow.loss), it
 # points on four seeds, size -0.7 to +1.2, at no cost a step (README); the logged loss goes below zero
 log_interval = 50
 ckpt_interval = 500
-sample_interval = 960
+sample_interval = 1200
 sample_cfg = 3.0  # guidance scale of the grids and sample.py's default for this run: shape +0.2-1.9, size +0.5-1.0
 # points over 4.0 on three seeds (README)
 cfg_t_min = 0.22  # no guidance near data, t < 0.22 (sample.py's default for this run): there it rounds the corners

@@ -6,3 +6,6 @@
 exec(open('config/shapes.py').read())
 out_dir = 'out-shapes-wide'
 buckets = '32x48,48x32'  # 96 image tokens each: ~1.5x the square's compute per image
+max_iters = 1920  # the square's budget before 2,400 steps (61,440 images; an ETA of 11-13 min on the AVX512 EPYC),
+# where they fit in the max_minutes it inherits (README)
+sample_interval = 960

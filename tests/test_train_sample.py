@@ -61,6 +61,26 @@ def test_resume_gives_the_same_losses(tmp_path, settings):
     assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['step'] == 4
 
 
+def test_max_minutes_fixes_the_steps_a_plain_run_would_train(tmp_path):
+    # a time budget lowers max_iters at step 50 from the speed so far; inside the warmup, so the cosine that follows
+    # is that of a run given the same max_iters from the start: the two end on the same weights
+    small = ['--model=DiT-Mi/8', '--batch_size=2', '--text_max_length=4', '--log_interval=50', '--decay_lr=True',
+             '--warmup_iters=50']
+    p = train(tmp_path / 'timed', *small, '--max_iters=100000', '--max_minutes=0.12')
+    line = next(line for line in p.stdout.splitlines() if line.startswith('max_minutes'))
+    fit = int(line.split('-> ')[1].split(',')[0])
+    assert 50 <= fit < 100000
+    timed = torch.load(tmp_path / 'timed' / 'ckpt.pt', weights_only=True)
+    assert timed['step'] == timed['config']['max_iters'] == fit
+    train(tmp_path / 'plain', *small, f'--max_iters={fit}')
+    plain = torch.load(tmp_path / 'plain' / 'ckpt.pt', weights_only=True)
+    assert all(torch.equal(plain['model'][k], timed['model'][k]) for k in plain['model'])
+    # a resume keeps the budget the first run fixed, however fast this process is
+    p = train(tmp_path / 'timed', *small, '--max_iters=100000', '--max_minutes=0.12', '--init_from=resume')
+    assert not logged_losses(p.stdout)
+    assert torch.load(tmp_path / 'timed' / 'ckpt.pt', weights_only=True)['step'] == fit
+
+
 def test_sample_grid(trained, tmp_path):
     out, _ = trained
     args = [sys.executable, 'sample.py', f'--out_dir={out}', '--prompt', 'large red circle in the center, blue background',
