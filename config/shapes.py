@@ -1,4 +1,4 @@
-# The embedded default: a text-conditioned DiT on 32x32 shapes, trained on a 2-core CPU in at most 13 minutes.
+# The embedded default: a text-conditioned DiT on 32x32 shapes, trained on a 2-core CPU in an 11-minute budget.
 #   python train.py config/shapes.py && python sample.py --prompt "large red circle in the center, blue background"
 # dtype stays 'auto': bf16 where the CPU computes it natively (AVX512-BF16, AMX, ARM bf16), else fp32, as emulated
 # bf16 is ~20x slower.
