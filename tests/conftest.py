@@ -8,10 +8,16 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# pytest-xdist runs the tests in one process per core: each takes its share of the cores, not all of them (threads
+# spinning over each other's cores)
+torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', 1))))
 
 # a training run small enough for a few seconds on a CPU
 TINY = ['--model=DiT-Ti/4', '--image_size=16', '--batch_size=8', '--text_max_length=10', '--sample_interval=0',
         '--log_interval=1', '--device=cpu']
+
+
+gc.freeze()  # torch and the project's modules are never garbage: the collections below need not walk them
 
 
 @pytest.fixture(autouse=True)
