@@ -149,7 +149,7 @@ class Stream(nn.Module):
     The caption stream of the last block only lends keys and values to the image tokens, as its own outputs would
     never be read: last=True drops its queries and everything after attention."""
 
-    def __init__(self, dim, heads, last=False):
+    def __init__(self, dim, heads, last=False, mlp_ratio=4):
         super().__init__()
         self.heads, self.last = heads, last
         self.mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, (2 if last else 6) * dim))
@@ -162,7 +162,7 @@ class Stream(nn.Module):
             self.proj = nn.Linear(dim, dim)
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
             # the exact GELU: on CPUs torch's tanh approximation (DiT's) takes ~8x as long forward and backward
-            self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+            self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
 
     def pre_attention(self, x, y):
         # x: (B, T, D) tokens, y: (B, D) conditioning -> q (None if last), k, v (B, H, T, hd), the remaining modulation
@@ -186,11 +186,11 @@ class Stream(nn.Module):
 
 
 class JointBlock(nn.Module):
-    def __init__(self, dim, heads, attn_impl, last=False):
+    def __init__(self, dim, heads, attn_impl, last=False, mlp_ratio=4):
         super().__init__()
         self.attn_impl = attn_impl
-        self.img = Stream(dim, heads)
-        self.txt = Stream(dim, heads, last=last)
+        self.img = Stream(dim, heads, mlp_ratio=mlp_ratio)
+        self.txt = Stream(dim, heads, last=last, mlp_ratio=mlp_ratio)
 
     def forward(self, x, c, y, rope=None):
         # x: (B, N, D) image tokens, c: (B, L, D) caption tokens, y: (B, D) conditioning, rope: None or cos, sin
@@ -212,7 +212,7 @@ class JointBlock(nn.Module):
 
 class DiT(nn.Module):
     def __init__(self, preset, in_channels, caption_dim, grid, attn_impl='sdpa', grad_checkpointing=False,
-                 pos_embed='table'):
+                 pos_embed='table', mlp_ratio=4):
         super().__init__()
         if preset not in PRESETS:
             raise ValueError(f"unknown model preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -220,8 +220,11 @@ class DiT(nn.Module):
         if grid % patch:
             raise ValueError(f'latent grid {grid} is not divisible by the patch size {patch} of {preset}')
         self.patch, self.in_channels, self.grid, self.dim, self.depth = patch, in_channels, grid, dim, depth
+        self.mlp_ratio = mlp_ratio
         if pos_embed not in ('table', 'rope'):
             raise ValueError(f"pos_embed must be 'table' or 'rope', got {pos_embed!r}")
+        if not (isinstance(mlp_ratio, int) and mlp_ratio >= 1):
+            raise ValueError(f'mlp_ratio must be a whole number >= 1, got {mlp_ratio!r}')
         self.grad_checkpointing, self.rope, self.head_dim = grad_checkpointing, pos_embed == 'rope', dim // heads
         self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
         # 'table': a learned table added to the tokens, sin-cos at init, for the trained grid (resized for another);
@@ -230,7 +233,8 @@ class DiT(nn.Module):
         self.t_embed = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.pool_proj = nn.Linear(caption_dim, dim)  # W_c of t~ = W_t Emb(t) + W_c mean(c)
         self.caption_proj = nn.Linear(caption_dim, dim)
-        self.blocks = nn.ModuleList([JointBlock(dim, heads, attn_impl, last=i == depth - 1) for i in range(depth)])
+        self.blocks = nn.ModuleList([JointBlock(dim, heads, attn_impl, last=i == depth - 1, mlp_ratio=mlp_ratio)
+                                     for i in range(depth)])
         self.final_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.final = nn.Linear(dim, patch * patch * in_channels)
@@ -290,9 +294,11 @@ class DiT(nn.Module):
     def flops_per_image(self, n_txt):
         """Training FLOPs per image (forward + backward = 3x forward), matmuls only: linear layers and attention."""
         N, L, D = (self.grid // self.patch) ** 2, n_txt, self.dim
-        per_block = 12 * D * D * (N + L) + 2 * (N + L) ** 2 * D  # MACs: qkv 3D^2 + proj D^2 + mlp 8D^2; QK^T, AV
+        r = self.mlp_ratio
+        # MACs: qkv 3 D^2, proj D^2, MLP 2 r D^2 a token; QK^T and AV
+        per_block = (4 + 2 * r) * D * D * (N + L) + 2 * (N + L) ** 2 * D
         # the last block's caption stream only makes keys and values: no q, proj or MLP, and no queries in attention
-        macs = self.depth * per_block - 10 * D * D * L - 2 * L * (N + L) * D
+        macs = self.depth * per_block - (2 + 2 * r) * D * D * L - 2 * L * (N + L) * D
         macs += 2 * self.in_channels * self.patch ** 2 * D * N  # patch embedding and final projection
         return 3 * 2 * macs
 

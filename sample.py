@@ -111,7 +111,7 @@ def load_for_sampling(out_dir, device, text_encoder=None, vae=None):
                          f"(width {ckpt['caption_dim']}) and vae {cfg['vae']!r} ({ckpt['in_channels']} channels); "
                          f'the ones given have width {te.dim} and {ae.channels} channels')
     model = DiT(cfg['model'], ckpt['in_channels'], ckpt['caption_dim'], ckpt['grid'], cfg['attn_impl'],
-                pos_embed=cfg.get('pos_embed', 'table'))
+                pos_embed=cfg.get('pos_embed', 'table'), mlp_ratio=cfg.get('mlp_ratio', 4))
     model.load_state_dict(ckpt['ema'])
     return model.to(device).eval(), te.to(device), ae.to(device), cfg, ckpt['step']
 

@@ -64,6 +64,7 @@ honor_robots = True  # skip images served with X-Robots-Tag noai / noimageai
 # ----- model and encoders
 model = 'DiT-Ti/4'  # a preset of model.PRESETS
 attn_impl = 'sdpa'  # 'sdpa' or 'manual': the same numbers
+mlp_ratio = 4  # the MLP's hidden width over the model's, as in DiT
 pos_embed = 'table'  # 'table' (learned, resized to each grid) or 'rope' (2D rotary: nothing tied to a grid)
 grad_checkpointing = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
 fsdp = False  # under torchrun: shard weights, grads and optimizer state (FSDP2) instead of replicating them (DDP)
@@ -161,7 +162,11 @@ vae_model = load_vae(vae, vae_subfolder).to(device, frozen_dtype)
 if image_size % vae_model.factor:
     sys.exit(f'config error: image_size {image_size} is not a multiple of the VAE downsampling {vae_model.factor}')
 grid = image_size // vae_model.factor
-raw_model = DiT(model, vae_model.channels, text_enc.dim, grid, attn_impl, grad_checkpointing, pos_embed).to(device)
+try:
+    raw_model = DiT(model, vae_model.channels, text_enc.dim, grid, attn_impl, grad_checkpointing, pos_embed,
+                    mlp_ratio).to(device)
+except ValueError as e:  # an unknown preset, a grid the patch does not divide, a bad pos_embed or mlp_ratio
+    sys.exit(f'config error: {e}')
 sizes = data.parse_buckets(buckets, image_size, raw_model.patch * vae_model.factor)  # (height, width) pairs
 sampling['size'] = (image_size, image_size) if (image_size, image_size) in sizes else sizes[0]
 stream_encodes = dataset == 'laion' and vae != ''  # LaionStream gives cached latents (and with cache_text, embeddings)
@@ -222,7 +227,7 @@ if init_from == 'resume':  # after sharding: the optimizer state follows the par
 curves = metrics.Curves(out_dir if tensorboard_log else '', wandb_project if wandb_log else '', wandb_run_name, config,
                         step) if master else metrics.Curves()  # TensorBoard, W&B: rank 0 only
 latents = '/'.join(f'{h // vae_model.factor}x{w // vae_model.factor}x{vae_model.channels}' for h, w in sizes)
-log(f'{model}: {raw_model.num_params() / 1e6:.2f}M parameters, {latents} latents, '
+log(f'{model} (MLP {mlp_ratio}x): {raw_model.num_params() / 1e6:.2f}M parameters, {latents} latents, '
     f"{world} process(es){' sharded (FSDP)' if fsdp and ddp else ''}, global batch {batch_size * world}, {optimizer}")
 flops_per_image = raw_model.flops_per_image(text_max_length)
 peak = peak_flops(device)  # FLOP/s of one GPU; None where it is not known

@@ -6,11 +6,11 @@ from encoders import HashTextEncoder
 from model import DiT, JointBlock, PRESETS, rotary, rotate, token_positions
 
 
-def hand_count(depth, D, heads, p, C, Dt, grid):
-    """Parameters of a preset, counted from the architecture description, not from the code."""
+def hand_count(depth, D, heads, p, C, Dt, grid, r=4):
+    """Parameters of a preset (MLP ratio r), counted from the architecture description, not from the code."""
     hd = D // heads
     pre = (D * 6 * D + 6 * D) + (3 * D * D + 3 * D) + 2 * hd  # modulation, qkv, q/k RMSNorm weights
-    post = (D * D + D) + (D * 4 * D + 4 * D) + (4 * D * D + D)  # out projection, MLP
+    post = (D * D + D) + (D * r * D + r * D) + (r * D * D + D)  # out projection, MLP
     last_txt = (D * 2 * D + 2 * D) + (2 * D * D + 2 * D) + hd  # the last caption stream only lends keys and values
     blocks = depth * (pre + post) + (depth - 1) * (pre + post) + last_txt
     embed = (C * p * p * D + D) + (grid // p) ** 2 * D + (256 * D + D + D * D + D) + 2 * (Dt * D + D)
@@ -79,6 +79,25 @@ def test_every_parameter_learns(pos_embed, name):
     m(torch.randn(2, 3, 16, 16), torch.rand(2), torch.randn(2, 10, 64)).square().mean().backward()
     dead = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not dead, dead
+
+
+def test_mlp_ratio_keeps_the_guarantees():
+    # the shapes default's narrower MLP: counted by hand, the identity at init, both attentions agree, all learn
+    depth, D, heads, p = PRESETS['DiT-Mi/4']
+    m = DiT('DiT-Mi/4', 3, 64, 16, mlp_ratio=2)
+    assert m.num_params() == hand_count(depth, D, heads, p, 3, 64, 16, r=2) < DiT('DiT-Mi/4', 3, 64, 16).num_params()
+    assert m.blocks[0].img.mlp[0].out_features == 2 * D
+    x, t, ctx = torch.randn(2, 3, 16, 16), torch.rand(2), torch.randn(2, 10, 64)
+    assert torch.equal(m(x, t, ctx), torch.zeros_like(x))
+    randomize(m)
+    manual = DiT('DiT-Mi/4', 3, 64, 16, attn_impl='manual', mlp_ratio=2)
+    manual.load_state_dict(m.state_dict())
+    torch.testing.assert_close(m(x, t, ctx), manual(x, t, ctx), rtol=1e-5, atol=1e-5)
+    m(x, t, ctx).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match='mlp_ratio'):
+            DiT('DiT-Mi/4', 3, 64, 16, mlp_ratio=bad)
 
 
 def test_text_tokens_change_the_image_stream():

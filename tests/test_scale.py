@@ -35,6 +35,9 @@ def test_flop_count_matches_a_hand_count():
     with FlopCounterMode(display=False) as counter:
         m(torch.randn(4, 3, 16, 16), torch.rand(4), torch.randn(4, 10, 64))
     assert 1.0 < counter.get_total_flops() / (4 * 2 * macs) < 1.06
+    # MLP ratio 2 (the shapes default's): the MLP's 8 D^2 MACs a token become 4 D^2
+    half = DiT('DiT-Ti/4', 3, 64, 16, mlp_ratio=2)
+    assert half.flops_per_image(10) == 3 * 2 * (macs - 6 * 4 * 192 ** 2 * 26 + 4 * 192 ** 2 * 10)
 
 
 @pytest.mark.slow

@@ -44,7 +44,7 @@ def shapes_default(*keys):
 
 
 # TINY's settings, and the preset and optimizer config/shapes.py trains with (at a tiny size)
-@pytest.mark.parametrize('settings', [[], shapes_default('model', 'optimizer')], ids=['tiny', 'shapes'])
+@pytest.mark.parametrize('settings', [[], shapes_default('model', 'optimizer', 'mlp_ratio')], ids=['tiny', 'shapes'])
 def test_resume_gives_the_same_losses(tmp_path, settings):
     full = logged_losses(train(tmp_path / 'a', *settings, '--max_iters=4').stdout)
     train(tmp_path / 'b', *settings, '--max_iters=2')
@@ -59,6 +59,10 @@ def test_resume_gives_the_same_losses(tmp_path, settings):
     bad = train(tmp_path / 'b', *settings, other, '--max_iters=6', '--init_from=resume', check=False)
     assert bad.returncode != 0 and 'was trained with optimizer' in bad.stderr.strip().splitlines()[-1]
     assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['step'] == 4
+    # sample.py rebuilds the model the checkpoint was trained as (preset, MLP ratio)
+    p = run([sys.executable, 'sample.py', f"--out_dir={tmp_path / 'b'}", '--prompt', 'small red circle on the left',
+             '--n', '1', '--steps', '2', '--out', str(tmp_path / 'b.png')])
+    assert 'wrote' in p.stdout
 
 
 def test_max_minutes_fixes_the_steps_a_plain_run_would_train(tmp_path):
@@ -130,6 +134,8 @@ def test_config_file_and_overrides(tmp_path):
     one_line_error(run([sys.executable, 'train.py', '--optimizer=sgd'], check=False),
                    "optimizer must be 'adamw' or 'muon'")
     one_line_error(run([sys.executable, 'train.py', '--optimizer=muon', '--fsdp=True'], check=False), 'fsdp=False')
+    one_line_error(run([sys.executable, 'train.py', '--model=DiT-Q/2'], check=False), 'unknown model preset')
+    one_line_error(run([sys.executable, 'train.py', '--mlp_ratio=0'], check=False), 'mlp_ratio must be')
     bad = tmp_path / 'bad.py'
     bad.write_text('batch_size = 8\nlearnig_rate = 3e-4\n')
     one_line_error(run([sys.executable, 'train.py', str(bad)], check=False), "unknown setting 'learnig_rate'", str(bad))
