@@ -43,7 +43,7 @@ def shapes_default(*keys):
     return [f'--{k}={scope[k]}' for k in keys]
 
 
-# TINY's settings, and the preset and optimizer config/shapes.py trains with (at a tiny size)
+# TINY's settings, and the preset, optimizer and MLP ratio config/shapes.py trains with (at a tiny size)
 @pytest.mark.parametrize('settings', [[], shapes_default('model', 'optimizer', 'mlp_ratio')], ids=['tiny', 'shapes'])
 def test_resume_gives_the_same_losses(tmp_path, settings):
     full = logged_losses(train(tmp_path / 'a', *settings, '--max_iters=4').stdout)
