@@ -149,7 +149,7 @@ class Stream(nn.Module):
     The caption stream of the last block only lends keys and values to the image tokens, as its own outputs would
     never be read: last=True drops its queries and everything after attention."""
 
-    def __init__(self, dim, heads, last=False, mlp_ratio=4):
+    def __init__(self, dim, heads, mlp_ratio, last=False):
         super().__init__()
         self.heads, self.last = heads, last
         self.mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, (2 if last else 6) * dim))
@@ -186,11 +186,11 @@ class Stream(nn.Module):
 
 
 class JointBlock(nn.Module):
-    def __init__(self, dim, heads, attn_impl, last=False, mlp_ratio=4):
+    def __init__(self, dim, heads, mlp_ratio, attn_impl, last=False):
         super().__init__()
         self.attn_impl = attn_impl
-        self.img = Stream(dim, heads, mlp_ratio=mlp_ratio)
-        self.txt = Stream(dim, heads, last=last, mlp_ratio=mlp_ratio)
+        self.img = Stream(dim, heads, mlp_ratio)
+        self.txt = Stream(dim, heads, mlp_ratio, last=last)
 
     def forward(self, x, c, y, rope=None):
         # x: (B, N, D) image tokens, c: (B, L, D) caption tokens, y: (B, D) conditioning, rope: None or cos, sin
@@ -233,7 +233,7 @@ class DiT(nn.Module):
         self.t_embed = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.pool_proj = nn.Linear(caption_dim, dim)  # W_c of t~ = W_t Emb(t) + W_c mean(c)
         self.caption_proj = nn.Linear(caption_dim, dim)
-        self.blocks = nn.ModuleList([JointBlock(dim, heads, attn_impl, last=i == depth - 1, mlp_ratio=mlp_ratio)
+        self.blocks = nn.ModuleList([JointBlock(dim, heads, mlp_ratio, attn_impl, last=i == depth - 1)
                                      for i in range(depth)])
         self.final_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)

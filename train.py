@@ -140,8 +140,7 @@ else:
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 torch.manual_seed(seed)  # the same initial weights on every rank; DDP checks
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
+torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's convolutions use TF32 by default already
 
 
 def log(msg):
@@ -184,8 +183,7 @@ elif dataset == 'laion':
 else:
     sys.exit(f"config error: dataset must be 'shapes' or 'laion', got {dataset!r}")
 step = 0
-budget_step = 50  # max_minutes: the speed up to this step fixes max_iters. Inside the warmup of the configs that set
-# it, so the schedule is that of a run given the same max_iters from the start: the two train the same numbers
+budget_step = 50  # max_minutes fixes max_iters here, inside the warmup: the schedule of that max_iters from step 0
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 ema = deepcopy(raw_model).requires_grad_(False)  # synced with the model, from scratch and on resume
 if init_from == 'resume':
