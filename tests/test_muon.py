@@ -34,13 +34,13 @@ def test_fp32_newton_schulz_orthogonalises(shape):
     u = torch.linalg.qr(torch.randn(shape[0], k, generator=g))[0]
     v = torch.linalg.qr(torch.randn(shape[1], k, generator=g))[0]
     grad = u @ torch.diag(torch.logspace(-1, 0, k)) @ v.T  # singular values from 0.1 to 1: condition 10
-    o = muon.orthogonalise(grad, torch.float32)
+    o = muon.orthogonalise(grad[None], torch.float32)[0]
     assert o.shape == shape and o.dtype == torch.float32
     s = torch.linalg.svdvals(o)
     assert s.min() > 0.5 and s.max() < 1.5, s  # every direction moves, by about the same amount
     assert torch.nn.functional.cosine_similarity(o.flatten(), (u @ v.T).flatten(), dim=0) > 0.95  # ~U V^T
     # the fp32 iteration computes what the bf16 one does, more exactly
-    assert (o - muon.orthogonalise(grad, torch.bfloat16).float()).abs().max() < 0.05
+    assert (o - muon.orthogonalise(grad[None], torch.bfloat16)[0].float()).abs().max() < 0.05
 
 
 @pytest.mark.parametrize('shape', [(32, 64), (16, 96), (128, 768)])
@@ -48,13 +48,22 @@ def test_the_gram_form_computes_the_direct_iterations_numbers(shape):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g)
     x = x / x.norm()
-    direct = muon.newton_schulz(x, 5)
-    assert (muon.gram_newton_schulz(x, 5) - direct).abs().max() < 1e-4
+    direct = muon.newton_schulz(x[None], 5)[0]
+    assert (muon.gram_newton_schulz(x[None], 5)[0] - direct).abs().max() < 1e-4
     assert (direct - x).abs().max() > 0.1  # five steps moved it far: the agreement is not of two no-ops
     wide = torch.randn(shape, generator=g)  # orthogonalise takes the Gram form for fp32 wide and tall matrices
     for m in (wide, wide.T):  # float64 takes the direct form
-        exact = muon.orthogonalise(m.double(), torch.float64).float()
-        assert (muon.orthogonalise(m, torch.float32) - exact).abs().max() < 1e-4
+        exact = muon.orthogonalise(m[None].double(), torch.float64)[0].float()
+        assert (muon.orthogonalise(m[None], torch.float32)[0] - exact).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize('shape', [(24, 24), (16, 96), (96, 16)])
+def test_a_stack_is_orthogonalised_matrix_by_matrix(shape):
+    g = torch.Generator().manual_seed(0)
+    stack = torch.randn(3, *shape, generator=g) * torch.tensor([0.01, 1.0, 100.0])[:, None, None]  # norms differ
+    alone = torch.stack([muon.orthogonalise(m[None], torch.float32)[0] for m in stack])
+    assert (muon.orthogonalise(stack, torch.float32) - alone).abs().max() < 1e-5
+    assert torch.linalg.svdvals(alone).median(dim=1).values.min() > 0.5  # each scaled by its own norm: none stays small
 
 
 def test_the_update_has_adamws_rms():
