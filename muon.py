@@ -76,10 +76,10 @@ class Muon(torch.optim.Optimizer):
                     state['momentum_buffer'].lerp_(p.grad, 1 - momentum)
                     looks.append(p.grad.lerp(state['momentum_buffer'], momentum))  # Nesterov's look-ahead
                 updates = orthogonalise(torch.stack(looks), self.ns_dtype)
-                if decay:  # no pass over the weights for nothing (the shapes default has none)
-                    torch._foreach_mul_(params, 1 - lr * decay)
-                # RMS 0.2 * lr, as AdamW's typical update
-                torch._foreach_add_(params, list(updates.unbind()), alpha=-lr * 0.2 * max(shape) ** 0.5)
+                for p, update in zip(params, updates):
+                    if decay:  # no pass over the weights for nothing (the shapes default has none)
+                        p.mul_(1 - lr * decay)
+                    p.add_(update, alpha=-lr * 0.2 * max(shape) ** 0.5)  # RMS 0.2 * lr, as AdamW's typical update
 
 
 def with_adamw(model, lr, betas, weight_decay, ns_dtype):
