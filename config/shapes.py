@@ -24,8 +24,8 @@ warmup_iters = 100
 ema_decay = 0.0  # no EMA: the cosine's low final rate already averages; size +3.3 / +0.5, shape +0.8 / +1.4 (README)
 t_mean = 1.0  # training t toward noise (median 0.73), where layout is decided: 1.5 gained size +4.5, shape +3.6
 # points over 0; 1.0 gains shape +1.7 / +6.2 over 1.5 at 1,452 steps on an AVX2-only EPYC, ties at 1,920-2,400 (README)
-t_std = 0.8  # a little narrower than SD3's 1: shape +1.3 points on the mean of four seeds (3 of 4 up), size the same,
-# at 1,864 steps; 0.6 lost on its seed (README)
+t_std = 0.8  # a little narrower than SD3's 1: shape +1.3 points on the mean of ten seed pairs at 1,308-1,864 steps
+# (6 of 10 up), size -0.2; 0.7 and 0.6 lost (README)
 contrast = 0.05  # contrastive flow matching (Stoica et al. 2025; flow.loss), its paper's weight: shape +0.0 to +3.8
 # points on four seeds, size -0.7 to +1.2, at no cost a step (README); the logged loss goes below zero
 log_interval = 50
