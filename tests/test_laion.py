@@ -82,20 +82,21 @@ def rows_for(url, paths):
 def test_every_fault_counted_and_every_image_delivered(server, tmp_path):
     url, hits = server
     pattern = write_shards(tmp_path / 'shards', rows_for(url, list(FAULTS) + list(VALID)), 1)
-    ds = data.LaionShards([pattern.replace('*', '00000')], 1, SIZE, 0, 0, 1, 0, options(tmp_path, fetch_timeout=1.0))
+    o = options(tmp_path)  # train.py's deadline: a 1 s one lost good images to a CI host's stall (a, c, moved)
+    ds = data.LaionShards([pattern.replace('*', '00000')], 1, SIZE, 0, 0, 1, 0, o)
     it = iter(ds)
     t0 = time.time()
     got = {}
     for _ in VALID:
         images, captions, _, position, stats = next(it)
         got[captions[0]] = images[0]
-    elapsed = time.time() - t0
-    assert elapsed < 3.0, elapsed  # the hang and the drip were cut at their 1 s deadline, in parallel
+    assert time.time() - t0 < o['fetch_timeout']  # served as they arrive, not held behind the hang and the drip
     assert set(got) == set(VALID)
     assert all(img.shape == (3, SIZE, SIZE) and img.dtype == torch.uint8 for img in got.values())
     assert position[0] == 0  # still the first epoch
-    # one more batch: the first epoch is then over, every fault counted
+    # one more batch: the first epoch is then over, every fault counted, the hang and the drip cut at the deadline
     _, _, _, position, stats = next(it)
+    assert time.time() - t0 < 1.5 * o['fetch_timeout']  # in parallel: one after the other would take 1.5x
     assert position[0] == 1
     for path, (_, reason) in FAULTS.items():
         assert stats[reason] >= 1, (path, reason, stats)
