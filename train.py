@@ -82,8 +82,8 @@ contrast = 0.0  # contrastive flow matching's weight (flow.loss): > 0 pushes dif
 # ----- optimisation
 batch_size = 64  # per process
 max_iters = 1000
-max_minutes = 0.0  # > 0: at step 50 max_iters is lowered to the steps that fit this many minutes at the speed measured
-# so far, so a slower machine trains fewer steps in the same time (the log says how many); 0 = max_iters alone
+max_minutes = 0.0  # > 0, a deadline: at step 50 and each log_interval on, max_iters is refitted to the steps that fit
+# this many minutes at the speed so far: a slower machine trains fewer steps in the same time (logged); 0 = off
 learning_rate = 1e-4
 min_lr = 1e-5
 warmup_iters = 100
@@ -183,7 +183,7 @@ elif dataset == 'laion':
 else:
     sys.exit(f"config error: dataset must be 'shapes' or 'laion', got {dataset!r}")
 step = 0
-budget_step = 50  # max_minutes fixes max_iters here, inside the warmup: the schedule of that max_iters from step 0
+budget_step = 50  # max_minutes first fits max_iters here, inside the warmup; later refits move the cosine's end
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 ema = deepcopy(raw_model).requires_grad_(False)  # synced with the model, from scratch and on resume
 if init_from == 'resume':
@@ -194,7 +194,7 @@ if init_from == 'resume':
     raw_model.load_state_dict(ckpt['model'])
     ema.load_state_dict(ckpt['ema'])
     step = ckpt['step']
-    if max_minutes and step >= budget_step:  # the first run fixed the budget: keep its step count
+    if max_minutes and step >= budget_step:  # the first run fitted the budget: keep its last step count
         max_iters = config['max_iters'] = min(max_iters, ckpt['config']['max_iters'])
     if len(ckpt['data']) == world:
         stream.load_state_dict(ckpt['data'][rank])
@@ -305,7 +305,7 @@ def evaluate():
 n_bins = 4
 loss_sum = torch.zeros((), device=device)
 bin_sum, bin_count = torch.zeros(n_bins, device=device), torch.zeros(n_bins, device=device)
-t_begin, t_last, step_start, images_seen = time.time(), time.time(), step, 0
+t_begin, t_last, step_start, images_seen, iters_cap = time.time(), time.time(), step, 0, max_iters
 last_counts, data_wait = 0, 0.0
 gen = torch.Generator(device)
 while step < max_iters:
@@ -343,12 +343,12 @@ while step < max_iters:
     with torch.no_grad():
         torch._foreach_lerp_(ema_params, model_params, 1 - decay)
     step += 1
-    if max_minutes and step == budget_step:
-        fit = int(max_minutes * 60 * (step - step_start) / (time.time() - t_begin))
-        fit = max(step, min(gather(fit)))  # rank 0's speed alone could differ from a slower rank's: take the slowest
-        if fit < max_iters:
+    if max_minutes and step_start < budget_step <= step and (step == budget_step or step % log_interval == 0):
+        fit = step_start + int(max_minutes * 60 * (step - step_start) / (time.time() - t_begin))  # asides included
+        fit = min(iters_cap, max(step, min(gather(fit))))  # the slowest rank's speed decides
+        if step == budget_step and fit < max_iters:
             log(f'max_minutes {max_minutes:g}: max_iters {max_iters} -> {fit}, the steps that fit at this speed')
-            max_iters = config['max_iters'] = fit
+        max_iters = config['max_iters'] = fit
 
     loss_sum += loss.detach()
     b = (t * n_bins).long().clamp(max=n_bins - 1)
@@ -395,6 +395,7 @@ while step < max_iters:
         evaluate()
     t_last += time.time() - t_aside  # img/s is training's alone
 
+log(f'done: {step} steps in {(time.time() - t_begin) / 60:.2f} min')
 curves.close()
 if ddp:
     dist.destroy_process_group()
