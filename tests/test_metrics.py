@@ -255,7 +255,8 @@ def test_eval_interval_and_tensorboard_curves_shapes(tmp_path):
          '--dtype=float32'])
     final = json.loads((out / 'eval-000004-shapes.json').read_text())['results']
     assert final['shape'] == pytest.approx(shape_curve[4], abs=1e-6)
-    assert f"shape {final['shape']:.4g}" in p.stdout.splitlines()[-1]
+    last_eval = [line for line in p.stdout.splitlines() if line.startswith('eval step')][-1]
+    assert last_eval.startswith('eval step 4:') and f"shape {final['shape']:.4g}" in last_eval
 
 
 def test_eval_interval_fid_on_laion(models, tmp_path):
