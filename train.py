@@ -6,8 +6,7 @@ One process (CPU or one GPU):
 One node, 8 GPUs:
     torchrun --standalone --nproc_per_node=8 train.py config/laion_b2.py
 Several nodes (run on each, node_rank 0..N-1):
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
-        train.py config/laion_b2.py
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 train.py config/laion_b2.py
 Resume where the last checkpoint stopped: --init_from=resume. From another run's EMA weights: --init_from=out/ckpt.pt.
 """
 import math
@@ -305,7 +304,7 @@ def evaluate():
 n_bins = 4
 loss_sum = torch.zeros((), device=device)
 bin_sum, bin_count = torch.zeros(n_bins, device=device), torch.zeros(n_bins, device=device)
-t_begin, t_last, step_start, images_seen, iters_cap = time.time(), time.time(), step, 0, max_iters
+t_begin, t_last, step_start, images_seen = time.time(), time.time(), step, 0
 last_counts, data_wait = 0, 0.0
 gen = torch.Generator(device)
 while step < max_iters:
@@ -345,7 +344,7 @@ while step < max_iters:
     step += 1
     if max_minutes and step_start < budget_step <= step and (step == budget_step or step % log_interval == 0):
         fit = step_start + int(max_minutes * 60 * (step - step_start) / (time.time() - t_begin))  # asides included
-        fit = min(iters_cap, max(step, min(gather(fit))))  # the slowest rank's speed decides
+        fit = min(settings['max_iters'], max(step, min(gather(fit))))  # capped as configured; the slowest rank decides
         if step == budget_step and fit < max_iters:
             log(f'max_minutes {max_minutes:g}: max_iters {max_iters} -> {fit}, the steps that fit at this speed')
         max_iters = config['max_iters'] = fit
