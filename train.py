@@ -86,7 +86,8 @@ max_minutes = 0.0  # > 0, a deadline: at step 50 and each log_interval on, max_i
 learning_rate = 1e-4
 min_lr = 1e-5
 warmup_iters = 100
-decay_lr = False  # cosine from learning_rate to min_lr over max_iters
+decay_lr = False  # from learning_rate down to min_lr over max_iters, along lr_decay
+lr_decay = 'cosine'  # or 'linear', a straight line (a short run's schedule: README, geometry levers)
 weight_decay = 0.0
 optimizer = 'adamw'  # or 'muon': Muon for the blocks' weight matrices and AdamW for the rest (muon.py)
 beta1 = 0.9
@@ -120,8 +121,9 @@ given = configure(settings, sys.argv[1:])
 settings['compile'] &= settings['device'].startswith('cuda') or 'compile' in given
 globals().update(settings)
 config = dict(settings)  # what the checkpoint records
-if optimizer not in ('adamw', 'muon'):
-    sys.exit(f"config error: optimizer must be 'adamw' or 'muon', got {optimizer!r}")
+for key, choices in (('optimizer', ('adamw', 'muon')), ('lr_decay', ('cosine', 'linear'))):
+    if settings[key] not in choices:
+        sys.exit(f"config error: {key} must be {' or '.join(map(repr, choices))}, got {settings[key]!r}")
 if optimizer == 'muon' and fsdp:  # measured: 3 steps under FSDP moved weights 0.013 away from DDP's
     sys.exit('config error: Muon orthogonalises whole matrices and FSDP shards them: use fsdp=False (DDP) with muon')
 sampling = dict(steps=sample_steps, cfg=sample_cfg, cfg_t_min=cfg_t_min, cfg_t_max=cfg_t_max)  # grids and evals
@@ -240,7 +242,8 @@ def lr_at(it):
     if not decay_lr:
         return learning_rate
     progress = (it - warmup_iters) / max(1, max_iters - warmup_iters)
-    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+    left = 1 - progress if lr_decay == 'linear' else 0.5 * (1 + math.cos(math.pi * progress))  # 1 -> 0
+    return min_lr + left * (learning_rate - min_lr)
 
 
 def gather(obj):

@@ -1,4 +1,5 @@
 """train.py and sample.py run for real, as subprocesses, on tiny settings."""
+import math
 import os
 import shutil
 import sys
@@ -63,6 +64,22 @@ def test_resume_gives_the_same_losses(tmp_path, settings):
     p = run([sys.executable, 'sample.py', f"--out_dir={tmp_path / 'b'}", '--prompt', 'small red circle on the left',
              '--n', '1', '--steps', '2', '--out', str(tmp_path / 'b.png')])
     assert 'wrote' in p.stdout
+
+
+def test_lr_decays_along_the_chosen_curve(tmp_path):
+    # the logged rate of each step: warmup, then the cosine or a straight line down to min_lr at max_iters
+    base = ['--max_iters=40', '--warmup_iters=10', '--learning_rate=1e-2', '--min_lr=1e-3', '--decay_lr=True',
+            '--ckpt_interval=1000']
+    logged = {}
+    for curve, left in (('cosine', lambda u: 0.5 * (1 + math.cos(math.pi * u))), ('linear', lambda u: 1 - u)):
+        p = train(tmp_path / curve, *base, f'--lr_decay={curve}')
+        logged[curve] = {int(line.split()[1]): float(line.split('lr ')[1].split()[0])
+                         for line in p.stdout.splitlines() if line.startswith('step ')}
+        for step in (5, 10, 20, 30, 40):  # a step's line shows the rate it trained at, that of iteration step - 1
+            it = step - 1
+            want = 1e-2 * (it + 1) / 10 if it < 10 else 1e-3 + left((it - 10) / 30) * 9e-3
+            assert logged[curve][step] == pytest.approx(want, rel=6e-3), (curve, step)  # logged to 3 digits
+    assert logged['linear'][20] < logged['cosine'][20] - 5e-4  # 7.3e-3 against 8.1e-3 a third of the way down
 
 
 def test_max_minutes_is_a_deadline(tmp_path):
@@ -136,6 +153,8 @@ def test_config_file_and_overrides(tmp_path):
     one_line_error(run([sys.executable, 'train.py', str(tmp_path / 'none.py')], check=False), 'no config file')
     one_line_error(run([sys.executable, 'train.py', '--optimizer=sgd'], check=False),
                    "optimizer must be 'adamw' or 'muon'")
+    one_line_error(run([sys.executable, 'train.py', '--lr_decay=step'], check=False),
+                   "lr_decay must be 'cosine' or 'linear'")
     one_line_error(run([sys.executable, 'train.py', '--optimizer=muon', '--fsdp=True'], check=False), 'fsdp=False')
     one_line_error(run([sys.executable, 'train.py', '--model=DiT-Q/2'], check=False), 'unknown model preset')
     one_line_error(run([sys.executable, 'train.py', '--mlp_ratio=0'], check=False), 'mlp_ratio must be')
