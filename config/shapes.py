@@ -21,7 +21,7 @@ learning_rate = 4e-3  # a small model with AdaLN-Zero takes 40x the DiT paper's 
 min_lr = 4e-4
 decay_lr = True
 lr_decay = 'linear'  # a straight line to min_lr, not the cosine: at 1,700 steps shape +0.6 points on the mean of six
-# seeds (4 up, 1 down), size +0.1 (README); a short run's schedule (Bergsma et al. 2025)
+# seeds (4 up, 1 down, 1 tie), size +0.1; down to 0 lost (README); a short run's schedule (Bergsma et al. 2025)
 warmup_iters = 100
 ema_decay = 0.0  # no EMA: the decay's low final rate already averages; size +3.3 / +0.5, shape +0.8 / +1.4 (README)
 t_mean = 1.0  # training t toward noise (median 0.73), where layout is decided: 1.5 gained size +4.5, shape +3.6
