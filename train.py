@@ -121,9 +121,9 @@ given = configure(settings, sys.argv[1:])
 settings['compile'] &= settings['device'].startswith('cuda') or 'compile' in given
 globals().update(settings)
 config = dict(settings)  # what the checkpoint records
-for key, choices in (('optimizer', ('adamw', 'muon')), ('lr_decay', ('cosine', 'linear'))):
-    if settings[key] not in choices:
-        sys.exit(f"config error: {key} must be {' or '.join(map(repr, choices))}, got {settings[key]!r}")
+for k, choices in dict(optimizer=('adamw', 'muon'), lr_decay=('cosine', 'linear'), dataset=('shapes', 'laion')).items():
+    if settings[k] not in choices:  # the string settings of a few values: a typo stops here, before any loading
+        sys.exit(f"config error: {k} must be {' or '.join(map(repr, choices))}, got {settings[k]!r}")
 if optimizer == 'muon' and fsdp:  # measured: 3 steps under FSDP moved weights 0.013 away from DDP's
     sys.exit('config error: Muon orthogonalises whole matrices and FSDP shards them: use fsdp=False (DDP) with muon')
 sampling = dict(steps=sample_steps, cfg=sample_cfg, cfg_t_min=cfg_t_min, cfg_t_max=cfg_t_max)  # grids and evals
@@ -154,7 +154,6 @@ log(f'dtype {dtype}: {why}')
 autocast = autocast_for(device, dtype)  # master weights stay fp32
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')  # fp16 gradients underflow unscaled
 
-
 # ----- encoders, model, optimiser, EMA
 frozen_dtype = torch.bfloat16 if dtype == 'bfloat16' else torch.float32  # no fp32 masters; SD VAEs overflow in fp16
 text_enc = load_text_encoder(text_encoder, text_max_length, text_layer).to(device, frozen_dtype)
@@ -172,7 +171,7 @@ sampling['size'] = (image_size, image_size) if (image_size, image_size) in sizes
 stream_encodes = dataset == 'laion' and vae != ''  # LaionStream gives cached latents (and with cache_text, embeddings)
 if dataset == 'shapes':
     stream = shapes.ShapesStream(batch_size, image_size, seed, rank, device_type == 'cuda', sizes)
-elif dataset == 'laion':
+else:  # 'laion'
     stream = data.LaionStream(
         data_shards, batch_size, image_size, seed, rank, world, data_workers, pin_memory=device_type == 'cuda',
         vae=vae_model if stream_encodes else None, text_encoder=text_enc if stream_encodes and cache_text else None,
@@ -181,10 +180,8 @@ elif dataset == 'laion':
         max_image_pixels=max_image_pixels, min_image_size=min_image_size, random_crop=random_crop,
         random_flip=random_flip, cache_dir=cache_dir, cache_bytes=int(cache_gb * 2 ** 30),
         allow_private_urls=allow_private_urls, honor_robots=honor_robots, buckets=sizes)
-else:
-    sys.exit(f"config error: dataset must be 'shapes' or 'laion', got {dataset!r}")
 step = 0
-budget_step = 50  # max_minutes first fits max_iters here, inside the warmup; later refits move the cosine's end
+budget_step = 50  # max_minutes first fits max_iters here, inside the warmup; later refits move the decay's end
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 ema = deepcopy(raw_model).requires_grad_(False)  # synced with the model, from scratch and on resume
 if init_from == 'resume':

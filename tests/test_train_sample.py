@@ -155,6 +155,8 @@ def test_config_file_and_overrides(tmp_path):
                    "optimizer must be 'adamw' or 'muon'")
     one_line_error(run([sys.executable, 'train.py', '--lr_decay=step'], check=False),
                    "lr_decay must be 'cosine' or 'linear'")
+    one_line_error(run([sys.executable, 'train.py', '--dataset=coco'], check=False),
+                   "dataset must be 'shapes' or 'laion'")
     one_line_error(run([sys.executable, 'train.py', '--optimizer=muon', '--fsdp=True'], check=False), 'fsdp=False')
     one_line_error(run([sys.executable, 'train.py', '--model=DiT-Q/2'], check=False), 'unknown model preset')
     one_line_error(run([sys.executable, 'train.py', '--mlp_ratio=0'], check=False), 'mlp_ratio must be')
