@@ -72,6 +72,22 @@ def resolve_dtype(dtype, device):
     return choose_dtype(device_type, gpu_bf16, cpu_flags() if device_type == 'cpu' else ())
 
 
+
+def resolve_compile(compile, device, asked):
+    """(compile, why): torch.compile on CUDA; on the CPU only where asked (`asked`: the setting was given), as
+    inductor's C++ backend compiles for a minute there, and only with a C++ compiler to build with."""
+    if not compile or torch.device(device).type == 'cuda':
+        return compile, 'set explicitly' if asked else 'the default on CUDA'
+    if not asked:
+        return False, 'off on the CPU unless set'
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        get_cpp_compiler()
+    except Exception as e:  # none found, or one that does not run
+        return False, f'no C++ compiler for its CPU backend ({type(e).__name__}): install g++ or set CXX'
+    return True, 'set explicitly'
+
+
 def autocast_for(device, dtype):
     """The autocast context of a resolved dtype: none for fp32."""
     return nullcontext() if dtype == 'float32' else torch.autocast(torch.device(device).type, getattr(torch, dtype))

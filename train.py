@@ -30,7 +30,8 @@ import muon
 import shapes
 from configurator import configure
 from encoders import load_text_encoder, load_vae
-from model import DiT, autocast_for, load_checkpoint, load_weights, peak_flops, resolve_dtype, to_device
+from model import DiT, autocast_for, load_checkpoint, load_weights, peak_flops, resolve_compile, resolve_dtype
+from model import to_device
 from sample import evaluate_shapes, generate, save_grid, score_images
 
 # ----- I/O
@@ -114,11 +115,10 @@ wandb_run_name = ''
 seed = 0
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'  # autocast: the fastest safe one here (model.choose_dtype), or float32 / bfloat16 / float16
-compile = True  # torch.compile on CUDA; on the CPU only when set (inductor's C++ backend takes minutes there)
+compile = True  # torch.compile, block by block: on CUDA; on the CPU only when set (model.resolve_compile)
 
 settings = {k: v for k, v in globals().items() if not k.startswith('_') and type(v) in (int, float, bool, str)}
 given = configure(settings, sys.argv[1:])
-settings['compile'] &= settings['device'].startswith('cuda') or 'compile' in given
 globals().update(settings)
 config = dict(settings)  # what the checkpoint records
 for k, choices in dict(optimizer=('adamw', 'muon'), lr_decay=('cosine', 'linear'), dataset=('shapes', 'laion')).items():
@@ -151,6 +151,9 @@ def log(msg):
 
 dtype, why = resolve_dtype(dtype, device)
 log(f'dtype {dtype}: {why}')
+compile, why = resolve_compile(compile, device, 'compile' in given)
+config['compile'] = compile
+log(f'compile {compile}: {why}')
 autocast = autocast_for(device, dtype)  # master weights stay fp32
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')  # fp16 gradients underflow unscaled
 
@@ -227,8 +230,10 @@ log(f'{model} (MLP {mlp_ratio}x): {raw_model.num_params() / 1e6:.2f}M parameters
     f"{world} process(es){' sharded (FSDP)' if fsdp and ddp else ''}, global batch {batch_size * world}, {optimizer}")
 flops_per_image = raw_model.flops_per_image(text_max_length)
 peak = peak_flops(device)  # FLOP/s of one GPU; None where it is not known
-net = torch.compile(raw_model) if compile else raw_model
-net = DDP(net, device_ids=[device] if device_type == 'cuda' else None) if ddp and not fsdp else net
+if compile:  # block by block, as torchtitan does: the blocks share one compiled code, ~40% less time compiling
+    for block in raw_model.blocks:
+        block.compile()
+net = DDP(raw_model, device_ids=[device] if device_type == 'cuda' else None) if ddp and not fsdp else raw_model
 with torch.no_grad():
     uncond = text_enc(['']).to(device)  # (1, L, D): the unconditional caption
 
@@ -241,6 +246,10 @@ def lr_at(it):
     progress = (it - warmup_iters) / max(1, max_iters - warmup_iters)
     left = 1 - progress if lr_decay == 'linear' else 0.5 * (1 + math.cos(math.pi * progress))  # 1 -> 0
     return min_lr + left * (learning_rate - min_lr)
+
+
+def seconds_per_step():  # timed from the end of the first step, which holds one-off costs (torch.compile's)
+    return (time.time() - t_first) / (step - step_start - 1) if step > step_start + 1 else time.time() - t_begin
 
 
 def gather(obj):
@@ -342,8 +351,9 @@ while step < max_iters:
     with torch.no_grad():
         torch._foreach_lerp_(ema_params, model_params, 1 - decay)
     step += 1
+    t_first = time.time() if step == step_start + 1 else t_first
     if max_minutes and step_start < budget_step <= step and (step == budget_step or step % log_interval == 0):
-        fit = step_start + int(max_minutes * 60 * (step - step_start) / (time.time() - t_begin))  # asides included
+        fit = step + int((max_minutes * 60 - (time.time() - t_begin)) / seconds_per_step())  # asides included
         fit = min(settings['max_iters'], max(step, min(gather(fit))))  # capped as configured; the slowest rank decides
         if step == budget_step and fit < max_iters:
             log(f'max_minutes {max_minutes:g}: max_iters {max_iters} -> {fit}, the steps that fit at this speed')
@@ -361,7 +371,7 @@ while step < max_iters:
         n_steps = (step - 1) % log_interval + 1
         dt = time.time() - t_last
         rate = images_seen / dt
-        eta = (max_iters - step) * (time.time() - t_begin) / (step - step_start)
+        eta = (max_iters - step) * seconds_per_step()
         mfu = f'{flops_per_image * rate / (peak * world):.1%}' if peak else 'n/a'
         train_loss = stats[0].item() / world / n_steps
         log(f'step {step} | loss {train_loss:.4f} | lr {lr_at(step - 1):.2e} | '

@@ -1,4 +1,5 @@
-"""dtype='auto': the fastest safe precision for the hardware, chosen from what it reports."""
+"""dtype='auto': the fastest safe precision for the hardware, chosen from what it reports; and whether torch.compile
+can run here."""
 import sys
 
 import pytest
@@ -58,3 +59,23 @@ def test_fp16_trains_with_a_gradient_scaler_and_resumes(tmp_path):
     p = run([sys.executable, 'train.py', *TINY, '--dtype=float16', '--max_iters=4', f'--out_dir={tmp_path}',
              '--init_from=resume'])
     assert sorted(logged_losses(p.stdout)) == [3, 4]
+
+
+def test_compile_runs_where_it_can(monkeypatch, tmp_path):
+    from torch._inductor import cpp_builder
+    assert model.resolve_compile(True, 'cuda', asked=False)[0] and not model.resolve_compile(False, 'cuda', True)[0]
+    assert not model.resolve_compile(True, 'cpu', asked=False)[0]  # minutes of C++ compiling: only when asked
+    monkeypatch.setattr(cpp_builder, 'get_cpp_compiler', lambda: 'g++')
+    assert model.resolve_compile(True, 'cpu', asked=True) == (True, 'set explicitly')
+
+    def none_found():
+        raise cpp_builder.exc.InvalidCxxCompiler
+    monkeypatch.setattr(cpp_builder, 'get_cpp_compiler', none_found)
+    compiled, why = model.resolve_compile(True, 'cpu', asked=True)
+    assert not compiled and 'C++ compiler' in why
+    # train.py says so on its second line and trains eager: the same losses as a run that never asked
+    env = {'CXX': 'no-such-compiler-here'}
+    args = [sys.executable, 'train.py', *TINY, '--dtype=float32', '--max_iters=2']
+    asked = run(args + ['--compile=True', f'--out_dir={tmp_path / "a"}'], env=env)
+    assert asked.stdout.splitlines()[1].startswith('compile False: no C++ compiler'), asked.stdout
+    assert logged_losses(asked.stdout) == logged_losses(run(args + [f'--out_dir={tmp_path / "b"}']).stdout)
