@@ -72,7 +72,6 @@ def resolve_dtype(dtype, device):
     return choose_dtype(device_type, gpu_bf16, cpu_flags() if device_type == 'cpu' else ())
 
 
-
 def resolve_compile(compile, device, asked):
     """(compile, why): torch.compile on CUDA; on the CPU only where asked (`asked`: the setting was given), as
     inductor's C++ backend compiles for a minute there, and only with a C++ compiler to build with."""
