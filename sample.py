@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
@@ -147,6 +148,25 @@ def score_images(model, te, vae, scorer, prompts, batch, seed, partial=None, pro
             os.replace(partial + '.tmp.npz', partial)
             saved = time.time()
     return parts
+
+
+def evaluate_shared(model, te, vae, scorer, reference, prompts, seed, **gen):
+    """Training's evaluation over the ranks: each makes an equal share of the images (under FSDP every rank must run as
+    many batches) and rank 0 puts the shares together: scorer.results with a scorer (LAION), else the shapes
+    adherence of scenes. The results on rank 0, None on the others."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    share = len(prompts) // world
+    mine = prompts[rank * share:(rank + 1) * share]
+    if scorer:
+        mine = score_images(model, te, vae, scorer, mine, 64, seed + rank * share, **gen)
+    else:
+        mine = evaluate_shapes(model, te, vae, mine, seed + rank * share, **gen)
+    shares = [mine] * world
+    if world > 1:
+        dist.all_gather_object(shares, mine)
+    if rank == 0:  # shapes: adherence fractions over equal shares, so their mean is the whole's
+        return scorer.results(sum(shares, []), reference) if scorer else {k: sum(s[k] for s in shares) / world
+                                                                          for k in mine}
 
 
 def run_eval(model, te, vae, cfg, step, args, gen):

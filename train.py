@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from copy import deepcopy
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -32,7 +33,7 @@ from configurator import configure
 from encoders import load_text_encoder, load_vae
 from model import DiT, autocast_for, load_checkpoint, load_weights, peak_flops, resolve_compile, resolve_dtype
 from model import to_device
-from sample import evaluate_shapes, generate, save_grid, score_images
+from sample import evaluate_shared, generate, save_grid
 
 # ----- I/O
 out_dir = 'out'
@@ -142,13 +143,7 @@ master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 torch.manual_seed(seed)  # the same initial weights on every rank; DDP checks
 torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's convolutions use TF32 by default already
-
-
-def log(msg):
-    if master:
-        print(msg, flush=True)
-
-
+log = partial(print, flush=True) if master else lambda msg: None  # rank 0 speaks for all
 dtype, why = resolve_dtype(dtype, device)
 log(f'dtype {dtype}: {why}')
 compile, why = resolve_compile(compile, device, 'compile' in given)
@@ -281,30 +276,24 @@ def write_samples():
         curves(step, {}, save_grid(images, len(prompts), os.path.join(out_dir, f'samples_{step:06d}.png')))
 
 
-if eval_interval:  # every rank makes an equal share of the images: under FSDP each must run as many batches
+if eval_interval:
     if dataset == 'laion' and not eval_ref:
         sys.exit('config error: eval_interval needs eval_ref, image-caption pairs to compare with (README)')
     scorer = metrics.Scorer(fid_model, clip_model, dino_model, device) if dataset == 'laion' else None
     eval_prompts = ([row['caption'] for row in metrics.reference_rows(eval_ref, eval_n)] if scorer else
                     shapes.all_scenes()[::max(1, len(shapes.all_scenes()) // eval_n)][:eval_n])  # shapes: scenes
+    eval_prompts = eval_prompts[:len(eval_prompts) // world * world]  # an equal share for each rank
     reference = scorer and master and scorer.reference(eval_ref, len(eval_prompts), image_size, allow_private_urls)
-    share = len(eval_prompts) // world
 
 
 def evaluate():
-    """The EMA's metrics on eval_n prompts: each rank makes its share of the images, rank 0 puts them together."""
-    t0, mine = time.time(), eval_prompts[rank * share:(rank + 1) * share]
+    """The EMA's metrics on eval_n prompts (sample.evaluate_shared), logged by rank 0."""
+    t0 = time.time()
     with autocast:
-        if scorer:
-            mine = score_images(ema, text_enc, vae_model, scorer, mine, 64, seed + rank * share, **sampling)
-        else:  # adherence fractions over equal shares: their mean is the whole's
-            mine = evaluate_shapes(ema, text_enc, vae_model, mine, seed + rank * share, **sampling)
-    shares = gather(mine)
+        results = evaluate_shared(ema, text_enc, vae_model, scorer, reference, eval_prompts, seed, **sampling)
     if master:
-        results = scorer.results(sum(shares, []), reference) if scorer else {k: sum(s[k] for s in shares) / world
-                                                                              for k in mine}
         log(f'eval step {step}: ' + ', '.join(f'{k} {v:.4g}' for k, v in results.items()) +
-            f' ({share * world} prompts, {time.time() - t0:.0f}s)')
+            f' ({len(eval_prompts)} prompts, {time.time() - t0:.0f}s)')
         curves(step, {f'eval/{k}': v for k, v in results.items()})
 
 

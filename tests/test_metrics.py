@@ -259,6 +259,26 @@ def test_eval_interval_and_tensorboard_curves_shapes(tmp_path):
     assert last_eval.startswith('eval step 4:') and f"shape {final['shape']:.4g}" in last_eval
 
 
+@pytest.mark.slow
+def test_eval_interval_over_two_ranks_puts_their_shares_together(tmp_path):
+    """Under torchrun each rank makes half of the evaluation's images, from its own seed; the logged numbers are the
+    mean of the two halves' adherence, as one process computes them from the checkpoint's EMA."""
+    import sample
+    out = tmp_path / 'run'
+    run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py', *TINY,
+         f'--out_dir={out}', '--max_iters=2', '--eval_interval=2', '--eval_n=16', '--sample_steps=3',
+         '--dtype=float32'])
+    model, te, vae, cfg, step = sample.load_for_sampling(out, 'cpu')
+    scenes = shapes.all_scenes()[::1680 // 16]
+    gen = dict(steps=3, cfg=cfg['sample_cfg'])
+    halves = [sample.evaluate_shapes(model, te, vae, scenes[:8], 0, **gen),
+              sample.evaluate_shapes(model, te, vae, scenes[8:], 8, **gen)]
+    assert halves[0] != halves[1]  # the test tells the whole from either half
+    for k in halves[0]:
+        logged, _ = scalars(out, f'eval/{k}')
+        assert logged[2] == pytest.approx((halves[0][k] + halves[1][k]) / 2, abs=1e-6), k
+
+
 def test_eval_interval_fid_on_laion(models, tmp_path):
     """A LAION-style run (tar shards) with eval_ref: FID and CLIP score every eval_interval steps, the same numbers
     as sample.py --eval of the checkpoint; and without eval_ref a one-line error."""
