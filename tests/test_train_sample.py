@@ -105,7 +105,6 @@ def test_max_minutes_is_a_deadline(tmp_path):
     assert max(logged_losses(p.stdout)) == 60 and 'max_minutes' not in p.stdout
 
 
-
 def test_max_minutes_plans_from_the_speed_after_the_first_step(tmp_path):
     # a first step that stalls 8 s, as torch.compile's does, is a cost paid once: the plan at step 50 counts it as
     # time spent, not as the speed of the steps to come, and the ETA printed there keeps to the deadline
