@@ -41,22 +41,27 @@ def test_flop_count_matches_a_hand_count():
 
 
 @pytest.mark.slow
-def test_fsdp_trains_like_ddp_and_saves_a_plain_checkpoint(tmp_path):
+@pytest.mark.parametrize('dtype', ['auto', 'float16'])  # float16: the gradient scaler's skipped steps agree across shards
+def test_fsdp_trains_like_ddp_and_saves_a_plain_checkpoint(tmp_path, dtype):
+    # a rate that moves weights ~1e-3 a step, far above the tolerance: a shard stepped wrongly (or not) shows
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
-                *TINY, '--max_iters=3', '--ckpt_interval=3']
+                *TINY, '--max_iters=3', '--ckpt_interval=3', '--learning_rate=1e-3', '--warmup_iters=0', f'--dtype={dtype}']
     ddp = run(torchrun + [f'--out_dir={tmp_path / "ddp"}'])
     fsdp = run(torchrun + [f'--out_dir={tmp_path / "fsdp"}', '--fsdp=True', '--grad_checkpointing=True'])
     assert 'sharded (FSDP)' in fsdp.stdout
     a, b = logged_losses(ddp.stdout), logged_losses(fsdp.stdout)
     assert sorted(b) == [1, 2, 3] and all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)  # the same training
+    assert b[3] < b[1]  # and it trains
     sd_ddp = torch.load(tmp_path / 'ddp' / 'ckpt.pt', weights_only=True)
     sd_fsdp = torch.load(tmp_path / 'fsdp' / 'ckpt.pt', weights_only=True)  # the same plain format
     assert sd_fsdp['model'].keys() == sd_ddp['model'].keys()
     assert sd_fsdp['optimizer']['param_groups'][0]['params'] == sd_ddp['optimizer']['param_groups'][0]['params']
+    assert sd_fsdp['scaler'] == sd_ddp['scaler']
     for k, v in sd_ddp['model'].items():
         torch.testing.assert_close(sd_fsdp['model'][k], v, rtol=1e-4, atol=1e-5, msg=k)
     # a single process resumes the sharded run and samples from it
-    p = run([sys.executable, 'train.py', *TINY, '--max_iters=4', '--init_from=resume', f'--out_dir={tmp_path / "fsdp"}'])
+    p = run([sys.executable, 'train.py', *TINY, '--max_iters=4', '--init_from=resume', f'--out_dir={tmp_path / "fsdp"}',
+             f'--dtype={dtype}'])
     assert sorted(logged_losses(p.stdout)) == [4]
     run([sys.executable, 'sample.py', f'--out_dir={tmp_path / "fsdp"}', '--prompt', 'small red circle on the left, blue background',
          '--n', '1', '--steps', '2', '--out', str(tmp_path / 's.png')])
