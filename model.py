@@ -324,8 +324,10 @@ def load_checkpoint(path):
         sys.exit(f'error: no checkpoint at {path}: train one first (python train.py ...) or point --out_dir at one')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        sys.exit(f'error: checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})')
+    except Exception as e:  # torch's own advice, to load with weights_only=False, does not apply to a damaged file
+        why = str(e).partition('WeightsUnpickler error:')[2].strip() or str(e)
+        sys.exit(f'error: checkpoint {path} is unreadable: truncated, damaged or not a flowdit checkpoint '
+                 f"({type(e).__name__}: {why.splitlines()[0].split('. ')[0][:160]})")
 
 
 def load_weights(model, path):

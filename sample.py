@@ -239,6 +239,11 @@ if __name__ == '__main__':
     e.add_argument('--clip_model', default=metrics.CLIP, help="CLIP for the CLIP score: hub id or path ('' off)")
     e.add_argument('--dino_model', default='', help=f'DINOv2 for FD-DINOv2: hub id or path, e.g. {metrics.DINOV2}')
     args = p.parse_args()
+    if args.n < 1:  # one-line errors: argparse's p.error prints the whole usage first
+        raise SystemExit(f'error: --n must be at least 1, got {args.n}')
+    for flag, path in (('--prompts_file', args.prompts_file), ('--init_image', args.init_image)):
+        if path and not os.path.isfile(path):
+            raise SystemExit(f'error: {flag}: no file at {path}')
 
     args.out_dir = find_run(args.out_dir)
     model, te, vae, cfg, step = load_for_sampling(args.out_dir, args.device, args.text_encoder, args.vae)
@@ -256,10 +261,13 @@ if __name__ == '__main__':
         with open(args.prompts_file) as f:
             prompts += [line.strip() for line in f if line.strip()]
     if not prompts:
-        p.error('give at least one --prompt or a --prompts_file')
+        raise SystemExit('error: give at least one --prompt or a --prompts_file')
     init = None
     if args.init_image:
-        img = ImageOps.fit(Image.open(args.init_image).convert('RGB'), gen['size'][::-1])  # center crop, resize
+        try:
+            img = ImageOps.fit(Image.open(args.init_image).convert('RGB'), gen['size'][::-1])  # center crop, resize
+        except OSError as e:  # PIL's UnidentifiedImageError and truncated files
+            raise SystemExit(f'error: --init_image {args.init_image} is not a readable image ({e})')
         img = np.asarray(img, dtype=np.float32) / 127.5 - 1
         init = torch.from_numpy(img).permute(2, 0, 1)[None].expand(len(prompts) * args.n, -1, -1, -1)
     t0 = time.time()

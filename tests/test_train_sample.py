@@ -147,6 +147,7 @@ def one_line_error(p, *needles):
     assert 'Traceback' not in err and len(err.splitlines()) == 1, err
     for needle in needles:
         assert needle in err, err
+    return err
 
 
 def test_missing_and_corrupt_checkpoints(tmp_path):
@@ -155,7 +156,20 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
     one_line_error(run([sys.executable, 'train.py', *TINY, f'--out_dir={tmp_path}', '--init_from=resume'], check=False),
                    'no checkpoint')
     (tmp_path / 'ckpt.pt').write_bytes(b'not a checkpoint at all' * 10)
-    one_line_error(run(sample, check=False), 'unreadable')
+    assert 'weights_only' not in one_line_error(run(sample, check=False), 'unreadable')  # not torch's advice to unpickle
+    torch.save({'model': {'w': torch.zeros(1000)}}, tmp_path / 'whole.pt')  # a real one, cut short as by a full disk
+    (tmp_path / 'ckpt.pt').write_bytes((tmp_path / 'whole.pt').read_bytes()[:2000])
+    one_line_error(run(sample, check=False), 'unreadable', 'zip archive')
+
+
+def test_sample_py_bad_inputs_are_one_line_errors(trained, tmp_path):
+    out, _ = trained
+    sample = [sys.executable, 'sample.py', f'--out_dir={out}', '--prompt', 'x', '--steps', '2', '--device=cpu']
+    one_line_error(run(sample + ['--n', '0'], check=False), '--n must be at least 1')
+    one_line_error(run(sample + ['--prompts_file', str(tmp_path / 'none.txt')], check=False), 'no file at')
+    (tmp_path / 'bad.png').write_bytes(b'not a png')
+    one_line_error(run(sample + ['--init_image', str(tmp_path / 'bad.png')], check=False), 'not a readable image')
+    one_line_error(run(sample[:2] + [f'--out_dir={out}'], check=False), 'at least one --prompt')
 
 
 def test_config_file_and_overrides(tmp_path):
