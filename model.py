@@ -339,10 +339,22 @@ def load_weights(model, path):
     if model.pos_embed is not None and 'pos_embed' in weights:
         g = model.grid // model.patch
         weights['pos_embed'] = resize_table(weights['pos_embed'], g, g)
+    return fit_weights(model, weights, path)
+
+
+WEIGHT_SETTINGS = ('model', 'pos_embed', 'mlp_ratio', 'image_size', 'vae', 'text_encoder')  # they shape the weights
+
+
+def fit_weights(model, weights, path, trained_with=None, now=None):
+    """model.load_state_dict(weights), or a one-line exit that says why they do not fit, naming first the settings
+    that shape weights and changed from the checkpoint's run (trained_with) to this one (now): dicts of settings."""
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        sys.exit(f"error: the weights of {path} do not fit this model: {' '.join(str(e).split())[:300]}")
+        changed = [f'{k} {trained_with[k]!r} -> {now[k]!r}' for k in WEIGHT_SETTINGS
+                   if k in (trained_with or {}) and k in now and trained_with[k] != now[k]]
+        hint = f" (this run changes {', '.join(changed)})" if changed else ''
+        sys.exit(f"error: the weights of {path} do not fit this model{hint}: {' '.join(str(e).split())[:300]}")
     return model
 
 

@@ -31,8 +31,8 @@ import muon
 import shapes
 from configurator import configure
 from encoders import load_text_encoder, load_vae
-from model import DiT, autocast_for, load_checkpoint, load_weights, peak_flops, resolve_compile, resolve_dtype
-from model import to_device
+from model import DiT, autocast_for, fit_weights, load_checkpoint, load_weights, peak_flops, resolve_compile
+from model import resolve_dtype, to_device
 from sample import evaluate_shared, generate, save_grid
 
 # ----- I/O
@@ -187,7 +187,7 @@ if init_from == 'resume':
     trained_with = ckpt['config'].get('optimizer', 'adamw')  # checkpoints from before the setting: AdamW
     if trained_with != optimizer:  # the state of one is not the other's
         sys.exit(f'config error: {ckpt_path} was trained with optimizer {trained_with!r}, this run sets {optimizer!r}')
-    raw_model.load_state_dict(ckpt['model'])
+    fit_weights(raw_model, ckpt['model'], ckpt_path, ckpt['config'], config)
     ema.load_state_dict(ckpt['ema'])
     step = ckpt['step']
     if max_minutes and step >= budget_step:  # the first run fitted the budget: keep its last step count

@@ -162,6 +162,14 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
     one_line_error(run(sample, check=False), 'unreadable', 'zip archive')
 
 
+def test_resume_with_another_model_names_the_setting(trained, tmp_path):
+    shutil.copy(trained[0] / 'ckpt.pt', tmp_path / 'ckpt.pt')
+    p = run([sys.executable, 'train.py', *TINY, f'--out_dir={tmp_path}', '--init_from=resume', '--max_iters=8',
+             '--model=DiT-S/4'], check=False)
+    err = one_line_error(p, 'do not fit this model', "model 'DiT-Ti/4' -> 'DiT-S/4'")
+    assert 'max_iters' not in err  # a setting that changes no weight is not named
+
+
 def test_sample_py_bad_inputs_are_one_line_errors(trained, tmp_path):
     out, _ = trained
     sample = [sys.executable, 'sample.py', f'--out_dir={out}', '--prompt', 'x', '--steps', '2', '--device=cpu']
