@@ -46,17 +46,21 @@ def cpu_flags():
         return set()
 
 
-def choose_dtype(device_type, gpu_bf16=False, cpu_flags=()):
+def choose_dtype(device_type, gpu_bf16=False, cpu_flags=(), onednn_bf16=True):
     """dtype='auto': the fastest safe autocast dtype from what the hardware reports, and why (master weights stay
-    fp32 whatever it is). A pure function: resolve_dtype asks the hardware."""
+    fp32 whatever it is). onednn_bf16: whether torch's oneDNN may use bf16 here, False where ONEDNN_MAX_CPU_ISA caps
+    it below the CPU's own instructions. A pure function: resolve_dtype asks the hardware."""
     if device_type == 'cuda':
         if gpu_bf16:
             return 'bfloat16', 'the GPU computes bf16'
         return 'float16', 'the GPU has no bf16 (pre-Ampere): fp16 autocast with a gradient scaler'
     if device_type == 'cpu':
         native = sorted({'avx512_bf16', 'amx_bf16', 'bf16'} & set(cpu_flags))  # x86's flags; ARM's is 'bf16'
-        if native:
+        if native and onednn_bf16:
             return 'bfloat16', f"the CPU computes bf16 natively ({', '.join(native)})"
+        if native:  # oneDNN reports bf16 wherever it can run it, emulated too: only its "no" is news
+            return 'float32', (f"the CPU computes bf16 natively ({', '.join(native)}) but oneDNN may not use it "
+                               f"(ONEDNN_MAX_CPU_ISA): emulated bf16 would be ~20x slower than fp32")
         return 'float32', 'the CPU has no native bf16: emulated bf16 would be ~20x slower than fp32'
     return 'float32', f'no bf16 rule for {device_type} devices'
 
@@ -69,7 +73,13 @@ def resolve_dtype(dtype, device):
         return dtype, 'set explicitly'
     device_type = torch.device(device).type
     gpu_bf16 = device_type == 'cuda' and torch.cuda.is_bf16_supported(including_emulation=False)
-    return choose_dtype(device_type, gpu_bf16, cpu_flags() if device_type == 'cpu' else ())
+    if device_type != 'cpu':
+        return choose_dtype(device_type, gpu_bf16)
+    try:
+        onednn_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):  # a build without oneDNN: the flags decide
+        onednn_bf16 = True
+    return choose_dtype(device_type, cpu_flags=cpu_flags(), onednn_bf16=onednn_bf16)
 
 
 def resolve_compile(compile, device, asked):

@@ -30,6 +30,17 @@ def test_choose_dtype_every_branch(device, gpu_bf16, flags, expected):
     assert dtype == expected and why
 
 
+def test_bf16_only_where_onednn_may_use_it():
+    """ONEDNN_MAX_CPU_ISA=AVX2 caps oneDNN below the CPU's bf16 instructions: bf16 autocast would be emulated there
+    (3 s a step of the shapes default against 0.18 in fp32 on a Zen 5 EPYC), so auto keeps fp32. oneDNN's "yes" is
+    no news: it says yes wherever it can emulate."""
+    assert model.choose_dtype('cpu', cpu_flags=SAPPHIRE_RAPIDS, onednn_bf16=False)[0] == 'float32'
+    assert model.choose_dtype('cpu', cpu_flags=SKYLAKE_X, onednn_bf16=True)[0] == 'float32'
+    p = run([sys.executable, '-c', "import model; print(model.resolve_dtype('auto', 'cpu')[0])"],
+            env={'ONEDNN_MAX_CPU_ISA': 'AVX2'})
+    assert p.stdout.strip() == 'float32'  # on any machine: without native bf16 the flags say so anyway
+
+
 def test_explicit_dtype_wins_and_typos_are_one_line_errors(monkeypatch):
     monkeypatch.setattr(model, 'cpu_flags', lambda: AVX2_EPYC)
     assert model.resolve_dtype('auto', 'cpu')[0] == 'float32'
