@@ -31,7 +31,7 @@ import metrics
 import shapes
 import web
 from encoders import load_text_encoder, load_vae
-from model import DiT, autocast_for, load_checkpoint, resolve_dtype
+from model import DiT, autocast_for, fit_weights, load_checkpoint, resolve_dtype
 
 
 def to_uint8(x):
@@ -113,7 +113,7 @@ def load_for_sampling(out_dir, device, text_encoder=None, vae=None):
                          f'the ones given have width {te.dim} and {ae.channels} channels')
     model = DiT(cfg['model'], ckpt['in_channels'], ckpt['caption_dim'], ckpt['grid'], cfg['attn_impl'],
                 pos_embed=cfg.get('pos_embed', 'table'), mlp_ratio=cfg.get('mlp_ratio', 4))
-    model.load_state_dict(ckpt['ema'])
+    fit_weights(model, ckpt['ema'], f'{out_dir}/ckpt.pt')  # a one-line error where a preset has changed since
     return model.to(device).eval(), te.to(device), ae.to(device), cfg, ckpt['step']
 
 

@@ -168,6 +168,11 @@ def test_resume_with_another_model_names_the_setting(trained, tmp_path):
              '--model=DiT-S/4'], check=False)
     err = one_line_error(p, 'do not fit this model', "model 'DiT-Ti/4' -> 'DiT-S/4'")
     assert 'max_iters' not in err  # a setting that changes no weight is not named
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    ckpt['config']['mlp_ratio'] = 2  # as a preset redefined since the run: its weights no longer fit what it names
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    one_line_error(run([sys.executable, 'sample.py', '--prompt', 'x', f'--out_dir={tmp_path}'], check=False),
+                   'do not fit this model', 'size mismatch')
 
 
 def test_sample_py_bad_inputs_are_one_line_errors(trained, tmp_path):
