@@ -17,9 +17,9 @@ from torch.utils.checkpoint import checkpoint
 
 # name -> (depth, width, heads, patch). S/B/L/XL are the DiT paper's widths and depths; with two streams
 # (image and caption) per block a preset holds about twice the parameters of the paper's model of that name.
-# Mi and Ti are small ones for a laptop CPU; Mi (two heads of 64) is the embedded shapes default's: in the same
+# Mi and Ti are small ones for a laptop CPU; Mi (four heads of 32) is the embedded shapes default's: in the same
 # minutes its 1.7x the steps learn shapes better than Ti's width does (README, geometry levers).
-_SIZES = {'Mi': (6, 128, 2), 'Ti': (6, 192, 3), 'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16),
+_SIZES = {'Mi': (6, 128, 4), 'Ti': (6, 192, 3), 'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16),
           'XL': (28, 1152, 16)}
 PRESETS = {f'DiT-{name}/{p}': (d, w, h, p) for name, (d, w, h) in _SIZES.items() for p in (2, 4, 8)}
 
