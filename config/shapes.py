@@ -4,8 +4,8 @@
 # bf16 is ~20x slower.
 out_dir = 'out-shapes'
 model = 'DiT-Mi/4'  # 6 blocks x 128 wide, 64 image tokens (32/4)^2 + 8 caption tokens: 1.7x the steps of the
-# 192-wide Ti/4 in the same minutes, and shape +3.6 / +9.0 points over it; 4 heads of 32, not 2 of 64: shape +1.0
-# on the mean of four seeds in the same minutes (README)
+# 192-wide Ti/4 in the same minutes, and shape +3.6 / +9.0 points over it; 4 heads of 32, not 2 of 64: shape +1.3
+# on the mean of six seeds in the same minutes (README)
 mlp_ratio = 2  # MLPs half DiT's width: a step 1.17x cheaper; in the same minutes on an AVX2-only EPYC, shape
 # +0.4 / +8.1 / +0.5 points over ratio 4 (seeds 0-2, README)
 image_size = 32
