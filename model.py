@@ -58,10 +58,10 @@ def choose_dtype(device_type, gpu_bf16=False, cpu_flags=(), onednn_bf16=True):
         native = sorted({'avx512_bf16', 'amx_bf16', 'bf16'} & set(cpu_flags))  # x86's flags; ARM's is 'bf16'
         if native and onednn_bf16:
             return 'bfloat16', f"the CPU computes bf16 natively ({', '.join(native)})"
-        if native:  # oneDNN reports bf16 wherever it can run it, emulated too: only its "no" is news
-            return 'float32', (f"the CPU computes bf16 natively ({', '.join(native)}) but oneDNN may not use it "
-                               f"(ONEDNN_MAX_CPU_ISA): emulated bf16 would be ~20x slower than fp32")
-        return 'float32', 'the CPU has no native bf16: emulated bf16 would be ~20x slower than fp32'
+        # oneDNN says yes wherever it can run bf16, emulated too: only its "no" is news
+        why = (f"the CPU computes bf16 natively ({', '.join(native)}) but oneDNN may not use it (ONEDNN_MAX_CPU_ISA)"
+               if native else 'the CPU has no native bf16')
+        return 'float32', f'{why}: emulated bf16 would be ~20x slower than fp32'
     return 'float32', f'no bf16 rule for {device_type} devices'
 
 
@@ -72,8 +72,8 @@ def resolve_dtype(dtype, device):
     if dtype != 'auto':
         return dtype, 'set explicitly'
     device_type = torch.device(device).type
-    gpu_bf16 = device_type == 'cuda' and torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type != 'cpu':
+        gpu_bf16 = device_type == 'cuda' and torch.cuda.is_bf16_supported(including_emulation=False)
         return choose_dtype(device_type, gpu_bf16)
     try:
         onednn_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()

@@ -103,7 +103,8 @@ def find_run(out_dir):
 
 def load_for_sampling(out_dir, device, text_encoder=None, vae=None):
     """EMA model, text encoder and VAE as the checkpoint recorded them (the encoders overridable)."""
-    ckpt = load_checkpoint(f'{out_dir}/ckpt.pt')
+    path = f'{out_dir}/ckpt.pt'
+    ckpt = load_checkpoint(path)
     cfg = ckpt['config']
     te = load_text_encoder(text_encoder or cfg['text_encoder'], cfg['text_max_length'], cfg['text_layer'])
     ae = load_vae(cfg['vae'] if vae is None else vae, cfg['vae_subfolder'])
@@ -113,7 +114,7 @@ def load_for_sampling(out_dir, device, text_encoder=None, vae=None):
                          f'the ones given have width {te.dim} and {ae.channels} channels')
     model = DiT(cfg['model'], ckpt['in_channels'], ckpt['caption_dim'], ckpt['grid'], cfg['attn_impl'],
                 pos_embed=cfg.get('pos_embed', 'table'), mlp_ratio=cfg.get('mlp_ratio', 4))
-    fit_weights(model, ckpt['ema'], f'{out_dir}/ckpt.pt')  # a one-line error where a preset has changed since
+    fit_weights(model, ckpt['ema'], path)  # a one-line error where a preset has changed since
     return model.to(device).eval(), te.to(device), ae.to(device), cfg, ckpt['step']
 
 
