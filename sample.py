@@ -196,6 +196,10 @@ def run_eval(model, te, vae, cfg, step, args, gen):
         raise SystemExit('error: --eval of a LAION model needs --ref, image-caption pairs to compare with (README)')
     print(f'step {step}: ' + ', '.join(f'{k} {v:.4g}' for k, v in results.items()))
     path = os.path.join(args.out_dir, name)
+    settings = json.loads(json.dumps(settings))  # as the file holds them: tuples become lists
+    if os.path.exists(path) and json.load(open(path)).get('settings') != settings:  # another evaluation's: kept
+        digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+        path = path[:-len('.json')] + f'-{digest}.json'
     with open(path + '.tmp', 'w') as f:
         json.dump(dict(step=step, results=results, settings=settings), f, indent=1)
     os.replace(path + '.tmp', path)

@@ -257,6 +257,13 @@ def test_eval_interval_and_tensorboard_curves_shapes(tmp_path):
     assert final['shape'] == pytest.approx(shape_curve[4], abs=1e-6)
     last_eval = [line for line in p.stdout.splitlines() if line.startswith('eval step')][-1]
     assert last_eval.startswith('eval step 4:') and f"shape {final['shape']:.4g}" in last_eval
+    # an evaluation at other settings is written beside the first, not over it
+    first = (out / 'eval-000004-shapes.json').read_text()
+    run([sys.executable, 'sample.py', '--eval', f'--out_dir={out}', f'--eval_stride={1680 // 8}', '--device=cpu',
+         '--dtype=float32', '--cfg=2'])
+    assert (out / 'eval-000004-shapes.json').read_text() == first
+    [other] = [json.loads(f.read_text()) for f in out.glob('eval-000004-shapes-*.json')]
+    assert other['settings']['cfg'] == 2 and other['settings']['eval_stride'] == 210
 
 
 @pytest.mark.slow
