@@ -170,6 +170,15 @@ def evaluate_shared(model, te, vae, scorer, reference, prompts, seed, **gen):
                                                                           for k in mine}
 
 
+def earlier_settings(path):
+    """The settings an evaluation file holds; None where it cannot be read (edited by hand, say): it is kept too."""
+    try:
+        with open(path) as f:
+            return json.load(f).get('settings')
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        return None
+
+
 def run_eval(model, te, vae, cfg, step, args, gen):
     """--eval: the checkpoint's metrics, printed and written as JSON beside it."""
     settings = dict(gen, seed=args.seed)
@@ -197,7 +206,7 @@ def run_eval(model, te, vae, cfg, step, args, gen):
     print(f'step {step}: ' + ', '.join(f'{k} {v:.4g}' for k, v in results.items()))
     path = os.path.join(args.out_dir, name)
     settings = json.loads(json.dumps(settings))  # as the file holds them: tuples become lists
-    if os.path.exists(path) and json.load(open(path)).get('settings') != settings:  # another evaluation's: kept
+    if os.path.exists(path) and earlier_settings(path) != settings:  # another evaluation's: kept
         digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
         path = path[:-len('.json')] + f'-{digest}.json'
     with open(path + '.tmp', 'w') as f:

@@ -264,6 +264,13 @@ def test_eval_interval_and_tensorboard_curves_shapes(tmp_path):
     assert (out / 'eval-000004-shapes.json').read_text() == first
     [other] = [json.loads(f.read_text()) for f in out.glob('eval-000004-shapes-*.json')]
     assert other['settings']['cfg'] == 2 and other['settings']['eval_stride'] == 210
+    # and a file that no longer reads as JSON (cut short by hand, say) is kept as it is, not overwritten or fatal
+    (out / 'eval-000004-shapes.json').write_text('{"step": 4, "res')
+    run([sys.executable, 'sample.py', '--eval', f'--out_dir={out}', f'--eval_stride={1680 // 16}', '--device=cpu',
+         '--dtype=float32'])
+    assert (out / 'eval-000004-shapes.json').read_text() == '{"step": 4, "res'
+    again = [json.loads(f.read_text()) for f in out.glob('eval-000004-shapes-*.json')]
+    assert len(again) == 2 and any(e['results'] == final for e in again)
 
 
 @pytest.mark.slow
