@@ -1,7 +1,7 @@
 # The embedded default: a text-conditioned DiT on 32x32 shapes, trained on a 2-core CPU within a 13-minute deadline.
 #   python train.py config/shapes.py && python sample.py --prompt "large red circle in the center, blue background"
 # dtype stays 'auto': bf16 where the CPU computes it natively (AVX512-BF16, AMX, ARM bf16), else fp32, as emulated
-# bf16 is ~20x slower.
+# bf16 is ~20x slower. The measurements the comments below cite: README's Results (every table whole: EXPERIMENTS.md).
 out_dir = 'out-shapes'
 model = 'DiT-Mi/4'  # 6 blocks x 128 wide, 64 image tokens (32/4)^2 + 8 caption tokens: 1.7x the steps of the
 # 192-wide Ti/4 in the same minutes, and shape +3.6 / +9.0 points over it; 4 heads of 32, not 2 of 64: shape +1.3
