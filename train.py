@@ -92,6 +92,7 @@ decay_lr = False  # from learning_rate down to min_lr over max_iters, along lr_d
 lr_decay = 'cosine'  # or 'linear', a straight line (a short run's schedule: README, geometry levers)
 weight_decay = 0.0
 optimizer = 'adamw'  # or 'muon': Muon for the blocks' weight matrices and AdamW for the rest (muon.py)
+adamw_lr_scale = 1.0  # with optimizer='muon': the rate of AdamW's part over learning_rate, Muon's
 beta1 = 0.9
 beta2 = 0.999
 grad_clip = 1.0  # 0 = off
@@ -127,6 +128,8 @@ for k, choices in dict(optimizer=('adamw', 'muon'), lr_decay=('cosine', 'linear'
         sys.exit(f"config error: {k} must be {' or '.join(map(repr, choices))}, got {settings[k]!r}")
 if optimizer == 'muon' and fsdp:  # measured: 3 steps under FSDP moved weights 0.013 away from DDP's
     sys.exit('config error: Muon orthogonalises whole matrices and FSDP shards them: use fsdp=False (DDP) with muon')
+if adamw_lr_scale <= 0:
+    sys.exit(f'config error: adamw_lr_scale must be > 0, got {adamw_lr_scale}')
 sampling = dict(steps=sample_steps, cfg=sample_cfg, cfg_t_min=cfg_t_min, cfg_t_max=cfg_t_max)  # grids and evals
 
 # ----- processes, devices, seeds
@@ -205,11 +208,12 @@ if fsdp and ddp:  # each block is a unit: its full weights exist only while it r
         for block in module.blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(module, mesh=mesh)
-if optimizer == 'muon':  # one learning rate and schedule for both; Newton-Schulz in bf16 where it is native
+if optimizer == 'muon':  # one schedule for both (AdamW's scaled); Newton-Schulz in bf16 where it is native
     optimizers = muon.with_adamw(raw_model, learning_rate, (beta1, beta2), weight_decay, ns_dtype=frozen_dtype)
 else:
     optimizers = [torch.optim.AdamW(raw_model.parameters(), lr=learning_rate, betas=(beta1, beta2),
                                     weight_decay=weight_decay, fused=True)]
+lr_scales = [adamw_lr_scale, 1.0] if optimizer == 'muon' else [1.0]  # with_adamw's [AdamW, Muon]
 full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # one plain format, sharded or not
 ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())  # fixed once sharded
 if init_from == 'resume':  # after sharding: the optimizer state follows the parameters' placement
@@ -222,7 +226,8 @@ curves = metrics.Curves(out_dir if tensorboard_log else '', wandb_project if wan
                         step) if master else metrics.Curves()  # TensorBoard, W&B: rank 0 only
 latents = '/'.join(f'{h // vae_model.factor}x{w // vae_model.factor}x{vae_model.channels}' for h, w in sizes)
 log(f'{model} (MLP {mlp_ratio}x): {raw_model.num_params() / 1e6:.2f}M parameters, {latents} latents, '
-    f"{world} process(es){' sharded (FSDP)' if fsdp and ddp else ''}, global batch {batch_size * world}, {optimizer}")
+    f"{world} process(es){' sharded (FSDP)' if fsdp and ddp else ''}, global batch {batch_size * world}, {optimizer}"
+    + (f' (AdamW part at {adamw_lr_scale}x)' if optimizer == 'muon' and adamw_lr_scale != 1 else ''))
 flops_per_image = raw_model.flops_per_image(text_max_length)
 peak = peak_flops(device)  # FLOP/s of one GPU; None where it is not known
 if compile:  # block by block, as torchtitan does: the blocks share one compiled code, ~40% less time compiling
@@ -302,8 +307,7 @@ def evaluate():
 n_bins = 4
 loss_sum = torch.zeros((), device=device)
 bin_sum, bin_count = torch.zeros(n_bins, device=device), torch.zeros(n_bins, device=device)
-t_begin, t_last, step_start, images_seen = time.time(), time.time(), step, 0
-last_counts, data_wait = 0, 0.0
+t_begin, t_last, step_start, images_seen, last_counts, data_wait = time.time(), time.time(), step, 0, 0, 0.0
 gen = torch.Generator(device)
 while step < max_iters:
     t_wait = time.time()
@@ -321,10 +325,10 @@ while step < max_iters:
     ctx = torch.where(drop[:, None, None], uncond, ctx)
     t = flow.sample_t(B, t_sampling, t_mean, t_std, gen, device)
     noise = torch.randn(z0.shape, generator=gen, device=device)
-    for opt in optimizers:
+    for opt, scale in zip(optimizers, lr_scales):
         opt.zero_grad(set_to_none=True)
         for group in opt.param_groups:
-            group['lr'] = lr_at(step)
+            group['lr'] = lr_at(step) * scale
     with autocast:
         per_sample = flow.loss(net, z0, t, ctx, noise, contrast)
     loss = per_sample.mean()

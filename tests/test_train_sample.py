@@ -44,8 +44,8 @@ def shapes_default(*keys):
     return [f'--{k}={scope[k]}' for k in keys]
 
 
-# TINY's settings, and the preset, optimizer and MLP ratio config/shapes.py trains with (at a tiny size)
-@pytest.mark.parametrize('settings', [[], shapes_default('model', 'optimizer', 'mlp_ratio')], ids=['tiny', 'shapes'])
+# TINY's settings, and the preset, optimizer (AdamW's rate) and MLP ratio config/shapes.py trains with (tiny)
+@pytest.mark.parametrize('settings', [[], shapes_default('model', 'optimizer', 'mlp_ratio', 'adamw_lr_scale')], ids=['tiny', 'shapes'])
 def test_resume_gives_the_same_losses(tmp_path, settings):
     full = logged_losses(train(tmp_path / 'a', *settings, '--max_iters=4').stdout)
     train(tmp_path / 'b', *settings, '--max_iters=2')
@@ -80,6 +80,21 @@ def test_lr_decays_along_the_chosen_curve(tmp_path):
             want = 1e-2 * (it + 1) / 10 if it < 10 else 1e-3 + left((it - 10) / 30) * 9e-3
             assert logged[curve][step] == pytest.approx(want, rel=6e-3), (curve, step)  # logged to 3 digits
     assert logged['linear'][20] < logged['cosine'][20] - 5e-4  # 7.3e-3 against 8.1e-3 a third of the way down
+
+
+def test_adamw_lr_scale_scales_the_rate_of_adamws_part_only(tmp_path):
+    # the output layer starts at zero and Adam's first update is about its rate times sign(g): after one step
+    # the layer is that update, half as large at half the rate; later steps keep the ratio of the two rates
+    final = {}
+    for scale in (1.0, 0.5):
+        train(tmp_path / str(scale), '--optimizer=muon', f'--adamw_lr_scale={scale}', '--max_iters=1')
+        final[scale] = torch.load(tmp_path / str(scale) / 'ckpt.pt', weights_only=True)['model']['final.weight']
+    assert final[1.0].abs().min() > 0 and torch.allclose(final[0.5], final[1.0] / 2, rtol=1e-3)
+    train(tmp_path / 'three', '--optimizer=muon', '--adamw_lr_scale=0.25', '--max_iters=3')
+    groups = torch.load(tmp_path / 'three' / 'ckpt.pt', weights_only=True)['optimizer']['param_groups']
+    lr = {name: g['lr'] for g in groups for name in g['params']}
+    assert lr['final.weight'] == pytest.approx(0.25 * lr['blocks.0.img.mlp.0.weight']) and lr['final.weight'] > 0
+    one_line_error(train(tmp_path / 'bad', '--optimizer=muon', '--adamw_lr_scale=0', check=False), 'adamw_lr_scale')
 
 
 def test_max_minutes_is_a_deadline(tmp_path):
