@@ -15,7 +15,7 @@ batch_size = 32  # small batches: more updates from the same images, which is wh
 optimizer = 'muon'  # Muon for the blocks' matrices, AdamW for the rest: in the same minutes as AdamW's 2,390 steps,
 # shape +10.5 / -0.4 points and size +5.7 / +2.9 over it (seeds 0 / 1, README)
 adamw_lr_scale = 0.5  # the rest (embeddings, biases, the input, time, caption and output layers) at half Muon's
-# rate: at the slower machine's ~1,640 steps shape +0.7 points on the mean of six seeds (4 up), all six >= 85 (README)
+# rate: at the slower machine's ~1,640 steps shape +0.9 points on the mean of eight seeds (6 up), all >= 85 (README)
 max_iters = 2800  # 89,600 images where they fit: the minutes of ratio 4's 2,400 steps (1.25x the images of 1,920
 # steps: shape +0.9 to +3.3, README)
 max_minutes = 13.0  # where they do not, fewer steps: CPUs without native bf16 differ 2x in speed, and the count is
