@@ -45,7 +45,8 @@ def shapes_default(*keys):
 
 
 # TINY's settings, and the preset, optimizer (AdamW's rate) and MLP ratio config/shapes.py trains with (tiny)
-@pytest.mark.parametrize('settings', [[], shapes_default('model', 'optimizer', 'mlp_ratio', 'adamw_lr_scale')], ids=['tiny', 'shapes'])
+@pytest.mark.parametrize('settings', [[], shapes_default('model', 'optimizer', 'mlp_ratio', 'adamw_lr_scale')],
+                         ids=['tiny', 'shapes'])
 def test_resume_gives_the_same_losses(tmp_path, settings):
     full = logged_losses(train(tmp_path / 'a', *settings, '--max_iters=4').stdout)
     train(tmp_path / 'b', *settings, '--max_iters=2')
