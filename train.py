@@ -234,8 +234,7 @@ if compile:  # block by block, as torchtitan does: the blocks share one compiled
     for block in raw_model.blocks:
         block.compile()
 net = DDP(raw_model, device_ids=[device] if device_type == 'cuda' else None) if ddp and not fsdp else raw_model
-with torch.no_grad():
-    uncond = text_enc(['']).to(device)  # (1, L, D): the unconditional caption
+uncond = text_enc(['']).to(device)  # (1, L, D): the unconditional caption; the encoders keep no graph
 
 
 def lr_at(it):
@@ -261,12 +260,11 @@ def gather(obj):
 
 
 def save_checkpoint():
-    states = gather(stream.state_dict())  # every rank's stream position, so each rank resumes its own stream
-    # every rank takes part: under FSDP gathering the full state dicts is collective
+    # every rank takes part: under FSDP gathering the full state dicts is collective; data: each rank's stream position
     ckpt = dict(model=get_model_state_dict(raw_model, options=full), ema=get_model_state_dict(ema, options=full),
                 optimizer=get_optimizer_state_dict(raw_model, optimizers, options=full), step=step, config=config,
-                scaler=scaler.state_dict(), data=states, in_channels=vae_model.channels, caption_dim=text_enc.dim,
-                grid=grid)
+                scaler=scaler.state_dict(), data=gather(stream.state_dict()), in_channels=vae_model.channels,
+                caption_dim=text_enc.dim, grid=grid)
     if master:
         os.makedirs(out_dir, exist_ok=True)
         torch.save(ckpt, ckpt_path + '.tmp')
@@ -401,3 +399,8 @@ log(f'done: {step} steps in {(time.time() - t_begin) / 60:.2f} min')
 curves.close()
 if ddp:
     dist.destroy_process_group()
+    if device_type == 'cpu':  # gloo's worker threads outlive the group (the model holds it), and one still freeing
+        # a collective's tensors at interpreter shutdown aborts the finished run (pytorch#179291): exit without one
+        del stream  # its DataLoader's workers stop first
+        sys.stdout.flush()
+        os._exit(0)
