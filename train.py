@@ -9,6 +9,7 @@ Several nodes (run on each, node_rank 0..N-1):
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 train.py config/laion_b2.py
 Resume where the last checkpoint stopped: --init_from=resume. From another run's EMA weights: --init_from=out/ckpt.pt.
 """
+import atexit
 import math
 import os
 import sys
@@ -400,7 +401,7 @@ curves.close()
 if ddp:
     dist.destroy_process_group()
     if device_type == 'cpu':  # gloo's worker threads outlive the group (the model holds it), and one still freeing
-        # a collective's tensors at interpreter shutdown aborts the finished run (pytorch#179291): exit without one
-        del stream  # its DataLoader's workers stop first
-        sys.stdout.flush()
-        os._exit(0)
+        # a collective's tensors at interpreter shutdown aborts the finished run (pytorch#179291): the process ends
+        # before that shutdown, once whatever ran this script (runpy) is done; with 1 after an uncaught exception
+        del stream  # its DataLoader's workers stop now
+        atexit.register(lambda: (sys.stdout.flush(), os._exit(1 if hasattr(sys, 'last_value') else 0)))

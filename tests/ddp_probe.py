@@ -1,6 +1,6 @@
 """Run train.py under torchrun and record, per rank, what each step saw: its captions, its local loss and a
-checksum of the weights after the optimiser step. Written to OUT/probe{rank}.json as train.py ends its process group.
-Prints the threads still running if the interpreter shuts down (train.py's end under gloo should not get there)."""
+checksum of the weights after the optimiser step. Written to OUT/probe{rank}.json. Prints the threads still running
+if the interpreter shuts down (train.py's end under gloo should not get there)."""
 import atexit
 import json
 import os
@@ -8,7 +8,6 @@ import runpy
 import sys
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import shapes  # noqa: E402
@@ -16,7 +15,6 @@ import flow  # noqa: E402
 
 record = {'captions': [], 'loss': [], 'weights': []}
 next_batch, loss, step = shapes.ShapesStream.__next__, flow.loss, torch.optim.AdamW.step
-destroy = dist.destroy_process_group
 
 
 def probe_next(self):
@@ -37,12 +35,6 @@ def probe_step(self, *args, **kw):
     return out
 
 
-def probe_destroy(*args, **kw):
-    with open(os.path.join(out_dir, f"probe{os.environ['RANK']}.json"), 'w') as f:
-        json.dump(record, f)
-    return destroy(*args, **kw)
-
-
 @atexit.register
 def threads_at_shutdown():
     names = sorted(open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task'))
@@ -50,7 +42,8 @@ def threads_at_shutdown():
 
 
 shapes.ShapesStream.__next__, flow.loss, torch.optim.AdamW.step = probe_next, probe_loss, probe_step
-dist.destroy_process_group = probe_destroy
 out_dir = sys.argv[1]
 sys.argv = ['train.py'] + sys.argv[2:]
 runpy.run_path('train.py', run_name='__main__')
+with open(os.path.join(out_dir, f"probe{os.environ['RANK']}.json"), 'w') as f:
+    json.dump(record, f)
