@@ -131,6 +131,8 @@ if optimizer == 'muon' and fsdp:  # measured: 3 steps under FSDP moved weights 0
     sys.exit('config error: Muon orthogonalises whole matrices and FSDP shards them: use fsdp=False (DDP) with muon')
 if adamw_lr_scale <= 0:
     sys.exit(f'config error: adamw_lr_scale must be > 0, got {adamw_lr_scale}')
+if eval_interval and dataset == 'laion' and not eval_ref:
+    sys.exit('config error: eval_interval needs eval_ref, image-caption pairs to compare with (README)')
 sampling = dict(steps=sample_steps, cfg=sample_cfg, cfg_t_min=cfg_t_min, cfg_t_max=cfg_t_max)  # grids and evals
 
 # ----- processes, devices, seeds
@@ -281,8 +283,6 @@ def write_samples():
 
 
 if eval_interval:
-    if dataset == 'laion' and not eval_ref:
-        sys.exit('config error: eval_interval needs eval_ref, image-caption pairs to compare with (README)')
     scorer = metrics.Scorer(fid_model, clip_model, dino_model, device) if dataset == 'laion' else None
     eval_prompts = ([row['caption'] for row in metrics.reference_rows(eval_ref, eval_n)] if scorer else
                     shapes.all_scenes()[::max(1, len(shapes.all_scenes()) // eval_n)][:eval_n])  # shapes: scenes

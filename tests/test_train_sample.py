@@ -98,6 +98,12 @@ def test_adamw_lr_scale_scales_the_rate_of_adamws_part_only(tmp_path):
     one_line_error(train(tmp_path / 'bad', '--optimizer=muon', '--adamw_lr_scale=0', check=False), 'adamw_lr_scale')
 
 
+def test_laion_evaluation_without_references_stops_before_loading_anything(tmp_path):
+    # a VAE that does not exist: had the check come after loading, its error would be the one shown
+    p = train(tmp_path, '--dataset=laion', '--eval_interval=10', '--vae=no/such/vae', check=False)
+    one_line_error(p, 'eval_interval needs eval_ref')
+
+
 def test_max_minutes_is_a_deadline(tmp_path):
     # the speed at step 50 plans the run; an aside after it (grids of 80 sampling steps every 60) slows it, and
     # the refits of each log interval lower the plan, so the run still ends near its deadline
