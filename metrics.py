@@ -252,6 +252,15 @@ def identity(ref):
     return [ref] + sorted((p, os.path.getsize(p), os.path.getmtime(p)) for p in files)
 
 
+def loss_by_t(sums, counts):
+    """The training loss in equal bins of t, as a log line and curves: sums and counts per bin over a stretch of steps
+    (data.health's form). Where in time the model still errs; a bin that drew no sample shows '-'."""
+    bins = [f'[{i / len(sums):.2f},{(i + 1) / len(sums):.2f})' for i in range(len(sums))]
+    by_bin = {b: s / n for b, s, n in zip(bins, sums, counts) if n}
+    line = '  loss by t: ' + ' '.join(f"{b} {f'{by_bin[b]:.4f}' if b in by_bin else '-'}" for b in bins)
+    return line, {f'loss_by_t/{b}': v for b, v in by_bin.items()}
+
+
 class Curves:
     """Where train.py's numbers go besides its log: TensorBoard event files in a folder, a Weights & Biases run. Each
     is imported only when asked for; Curves() records nothing."""

@@ -84,8 +84,7 @@ contrast = 0.0  # contrastive flow matching's weight (flow.loss): > 0 pushes dif
 # ----- optimisation
 batch_size = 64  # per process
 max_iters = 1000
-max_minutes = 0.0  # > 0, a deadline: at step 50 and each log_interval on, max_iters is refitted to the steps that fit
-# this many minutes at the speed so far: a slower machine trains fewer steps in the same time (logged); 0 = off
+max_minutes = 0.0  # > 0, a deadline: max_iters refitted (step 50, then each log) to the steps that fit; 0 = off
 learning_rate = 1e-4
 min_lr = 1e-5
 warmup_iters = 100
@@ -139,12 +138,10 @@ sampling = dict(steps=sample_steps, cfg=sample_cfg, cfg_t_min=cfg_t_min, cfg_t_m
 ddp = 'RANK' in os.environ
 if ddp:
     dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-    rank, world = dist.get_rank(), dist.get_world_size()
     if device.startswith('cuda'):
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
-else:
-    rank, world = 0, 1
+rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
 master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 torch.manual_seed(seed)  # the same initial weights on every rank; DDP checks
@@ -231,7 +228,6 @@ latents = '/'.join(f'{h // vae_model.factor}x{w // vae_model.factor}x{vae_model.
 log(f'{model} (MLP {mlp_ratio}x): {raw_model.num_params() / 1e6:.2f}M parameters, {latents} latents, '
     f"{world} process(es){' sharded (FSDP)' if fsdp and ddp else ''}, global batch {batch_size * world}, {optimizer}"
     + (f' (AdamW part at {adamw_lr_scale}x)' if optimizer == 'muon' and adamw_lr_scale != 1 else ''))
-flops_per_image = raw_model.flops_per_image(text_max_length)
 peak = peak_flops(device)  # FLOP/s of one GPU; None where it is not known
 if compile:  # block by block, as torchtitan does: the blocks share one compiled code, ~40% less time compiling
     for block in raw_model.blocks:
@@ -364,18 +360,16 @@ while step < max_iters:
         dt = time.time() - t_last
         rate = images_seen / dt
         eta = (max_iters - step) * seconds_per_step()
-        mfu = f'{flops_per_image * rate / (peak * world):.1%}' if peak else 'n/a'
+        mfu = raw_model.flops_per_image(text_max_length) * rate / (peak * world) if peak else None
         train_loss = stats[0].item() / world / n_steps
         log(f'step {step} | loss {train_loss:.4f} | lr {lr_at(step - 1):.2e} | '
-            f'{rate:.1f} img/s | mfu {mfu} | eta {eta / 60:.1f} min')
+            f'{rate:.1f} img/s | mfu {f"{mfu:.1%}" if peak else "n/a"} | eta {eta / 60:.1f} min')
         curves(step, {'train/loss': train_loss, 'train/lr': lr_at(step - 1), 'train/images_per_s': rate,
-                **({'train/mfu': flops_per_image * rate / (peak * world)} if peak else {})})
+                **({'train/mfu': mfu} if peak else {})})
         if step % (10 * log_interval) == 0 or step == max_iters:
-            sums, counts = stats[1:1 + n_bins].tolist(), stats[1 + n_bins:].tolist()
-            bins = [f'[{i / n_bins:.2f},{(i + 1) / n_bins:.2f})' for i in range(n_bins)]
-            by_bin = {b: v / n for b, v, n in zip(bins, sums, counts) if n}
-            log('  loss by t: ' + ' '.join(f"{b} {f'{by_bin[b]:.4f}' if b in by_bin else '-'}" for b in bins))
-            curves(step, {f'loss_by_t/{b}': v for b, v in by_bin.items()})
+            line, scalars = metrics.loss_by_t(stats[1:1 + n_bins].tolist(), stats[1 + n_bins:].tolist())
+            log(line)
+            curves(step, scalars)
             bin_sum.zero_(), bin_count.zero_()
         if dataset == 'laion':  # stream health over the interval, summed over ranks
             counts = torch.tensor(stream.counters(), dtype=torch.float64, device=device)
@@ -400,8 +394,7 @@ log(f'done: {step} steps in {(time.time() - t_begin) / 60:.2f} min')
 curves.close()
 if ddp:
     dist.destroy_process_group()
-    if device_type == 'cpu':  # gloo's worker threads outlive the group (the model holds it), and one still freeing
-        # a collective's tensors at interpreter shutdown aborts the finished run (pytorch#179291): the process ends
-        # before that shutdown, once whatever ran this script (runpy) is done; with 1 after an uncaught exception
+    if device_type == 'cpu':  # gloo's threads outlive the group (the model holds it); one freeing tensors at interpreter
+        # shutdown aborts the run (pytorch#179291): end first, once what ran this script is done (1 after an exception)
         del stream  # its DataLoader's workers stop now
         atexit.register(lambda: (sys.stdout.flush(), os._exit(1 if hasattr(sys, 'last_value') else 0)))

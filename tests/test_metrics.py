@@ -235,6 +235,12 @@ def scalars(folder, tag):
     return {e.step: e.value for e in events.Scalars(tag)}, events
 
 
+def test_loss_by_t_is_each_bins_mean_and_shows_an_empty_bin_as_a_dash():
+    line, scalars = metrics.loss_by_t([2.0, 0.0, 3.0, 1.0], [4.0, 0.0, 3.0, 2.0])
+    assert line == '  loss by t: [0.00,0.25) 0.5000 [0.25,0.50) - [0.50,0.75) 1.0000 [0.75,1.00) 0.5000'
+    assert scalars == {'loss_by_t/[0.00,0.25)': 0.5, 'loss_by_t/[0.50,0.75)': 1.0, 'loss_by_t/[0.75,1.00)': 0.5}
+
+
 def test_eval_interval_and_tensorboard_curves_shapes(tmp_path):
     """Training evaluates the EMA every eval_interval steps, logs the numbers and the curves; the last evaluation is
     the one sample.py --eval gives of the checkpoint."""
