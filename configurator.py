@@ -1,6 +1,7 @@
 """
 train.py's settings from config files and --key=value overrides, as in nanoGPT: a config file is plain Python
 whose globals replace the settings of the same name, then each --key=value does; every setting keeps its type.
+`check` then holds values to their choices and ranges: a bad one stops in one line, before anything loads.
 
     python train.py config/shapes.py --batch_size=32 --out_dir=out-b32
 """
@@ -44,3 +45,16 @@ def configure(settings, argv):
                 if not key.startswith('_'):
                     apply(key, value, arg)
     return given
+
+
+def check(settings, choices, at_least, positive, fractions):
+    """Stop at the first setting out of bounds: a string not among its choices, a number under its least value, one
+    not above 0 (positive) or outside [0, 1] (fractions)."""
+    for key, allowed in choices.items():
+        if settings[key] not in allowed:
+            sys.exit(f"config error: {key} must be {' or '.join(map(repr, allowed))}, got {settings[key]!r}")
+    for key, ok, bound in ([(k, settings[k] >= low, f'>= {low}') for k, low in at_least.items()] +
+                           [(k, settings[k] > 0, '> 0') for k in positive] +
+                           [(k, 0 <= settings[k] <= 1, 'in [0, 1]') for k in fractions]):
+        if not ok:
+            sys.exit(f'config error: {key} must be {bound}, got {settings[key]}')

@@ -30,7 +30,7 @@ import flow
 import metrics
 import muon
 import shapes
-from configurator import configure
+from configurator import check, configure
 from encoders import load_text_encoder, load_vae
 from model import DiT, autocast_for, fit_weights, load_checkpoint, load_weights, peak_flops, resolve_compile
 from model import resolve_dtype, to_device
@@ -123,13 +123,13 @@ settings = {k: v for k, v in globals().items() if not k.startswith('_') and type
 given = configure(settings, sys.argv[1:])
 globals().update(settings)
 config = dict(settings)  # what the checkpoint records
-for k, choices in dict(optimizer=('adamw', 'muon'), lr_decay=('cosine', 'linear'), dataset=('shapes', 'laion')).items():
-    if settings[k] not in choices:  # the string settings of a few values: a typo stops here, before any loading
-        sys.exit(f"config error: {k} must be {' or '.join(map(repr, choices))}, got {settings[k]!r}")
+check(settings, dict(optimizer=('adamw', 'muon'), lr_decay=('cosine', 'linear'), dataset=('shapes', 'laion'),
+                    t_sampling=('logit_normal', 'uniform')),  # a typo or a value out of range stops here, in one line
+      at_least=dict(batch_size=1, log_interval=1, ckpt_interval=1, sample_interval=0, eval_interval=0, eval_n=1,
+                    sample_steps=1, warmup_iters=0, learning_rate=0, min_lr=0, max_minutes=0, data_workers=0,
+                    fetch_threads=1), positive=('adamw_lr_scale',), fractions=('cond_drop', 'ema_decay'))
 if optimizer == 'muon' and fsdp:  # measured: 3 steps under FSDP moved weights 0.013 away from DDP's
     sys.exit('config error: Muon orthogonalises whole matrices and FSDP shards them: use fsdp=False (DDP) with muon')
-if adamw_lr_scale <= 0:
-    sys.exit(f'config error: adamw_lr_scale must be > 0, got {adamw_lr_scale}')
 if eval_interval and dataset == 'laion' and not eval_ref:
     sys.exit('config error: eval_interval needs eval_ref, image-caption pairs to compare with (README)')
 sampling = dict(steps=sample_steps, cfg=sample_cfg, cfg_t_min=cfg_t_min, cfg_t_max=cfg_t_max)  # grids and evals

@@ -1,6 +1,6 @@
 import pytest
 
-from configurator import configure
+from configurator import check, configure
 
 
 def settings():
@@ -30,3 +30,23 @@ def test_bad_settings_stop_with_one_line(argv, message):
         configure(s, argv)
     assert str(e.value).startswith('config error: ') and message in str(e.value) and '\n' not in str(e.value)
     assert s == settings()  # the bad value is not applied
+
+
+BOUNDS = dict(choices=dict(decay='cosine linear'.split()), at_least=dict(batch_size=1, warmup=0),
+              positive=('lr',), fractions=('drop',))
+
+
+@pytest.mark.parametrize('bad, message', [
+    (dict(decay='step'), "decay must be 'cosine' or 'linear', got 'step'"),
+    (dict(batch_size=0), 'batch_size must be >= 1, got 0'),
+    (dict(warmup=-1), 'warmup must be >= 0, got -1'),
+    (dict(lr=0.0), 'lr must be > 0, got 0.0'),
+    (dict(drop=1.5), 'drop must be in [0, 1], got 1.5'),
+    (dict(drop=-0.1), 'drop must be in [0, 1], got -0.1'),
+])
+def test_values_out_of_bounds_stop_with_one_line(bad, message):
+    good = dict(decay='linear', batch_size=1, warmup=0, lr=1e-4, drop=1.0)  # every bound itself is allowed
+    check(good, **BOUNDS)
+    with pytest.raises(SystemExit) as e:
+        check({**good, **bad}, **BOUNDS)
+    assert str(e.value) == f'config error: {message}'

@@ -200,7 +200,10 @@ def test_resume_with_another_model_names_the_setting(trained, tmp_path):
 def test_sample_py_bad_inputs_are_one_line_errors(trained, tmp_path):
     out, _ = trained
     sample = [sys.executable, 'sample.py', f'--out_dir={out}', '--prompt', 'x', '--steps', '2', '--device=cpu']
-    one_line_error(run(sample + ['--n', '0'], check=False), '--n must be at least 1')
+    for flags, message in ((['--n', '0'], '--n must be at least 1'), (['--steps', '0'], '--steps must be at least 1'),
+                           (['--eval', '--eval_stride', '0'], '--eval_stride must be'),
+                           (['--strength', '1.5'], '--strength must be in [0, 1]'), (['--shift', '0'], '--shift')):
+        one_line_error(run(sample + flags, check=False), message)
     one_line_error(run(sample + ['--prompts_file', str(tmp_path / 'none.txt')], check=False), 'no file at')
     (tmp_path / 'bad.png').write_bytes(b'not a png')
     one_line_error(run(sample + ['--init_image', str(tmp_path / 'bad.png')], check=False), 'not a readable image')
@@ -222,6 +225,9 @@ def test_config_file_and_overrides(tmp_path):
                    "lr_decay must be 'cosine' or 'linear'")
     one_line_error(run([sys.executable, 'train.py', '--dataset=coco'], check=False),
                    "dataset must be 'shapes' or 'laion'")
+    for arg, message in (('--ckpt_interval=0', 'ckpt_interval must be >= 1'), ('--t_sampling=normal', 't_sampling')):
+        one_line_error(run([sys.executable, 'train.py', *TINY, arg, '--max_iters=1', f'--out_dir={tmp_path}'],
+                           check=False), message)  # before the check: a traceback at step 1
     one_line_error(run([sys.executable, 'train.py', '--optimizer=muon', '--fsdp=True'], check=False), 'fsdp=False')
     one_line_error(run([sys.executable, 'train.py', '--model=DiT-Q/2'], check=False), 'unknown model preset')
     one_line_error(run([sys.executable, 'train.py', '--mlp_ratio=0'], check=False), 'mlp_ratio must be')
