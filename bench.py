@@ -390,5 +390,9 @@ if __name__ == '__main__':
     latent.add_argument('--steps', type=int, default=5)
     latent.add_argument('--workers', type=int, default=1)
     a = p.parse_args()
+    least = dict(warmup=0)  # every other count at least 1: a one-line error, not a traceback deep in a benchmark
+    for flag, value in vars(a).items():
+        if type(value) is int and value < least.get(flag, 1):
+            raise SystemExit(f'error: --{flag} must be at least {least.get(flag, 1)}, got {value}')
     {'train': bench_train, 'sample': bench_sample, 'stream': bench_stream, 'latent': bench_latent,
      'prepare': bench_prepare}[a.what](a)

@@ -169,6 +169,9 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--workers', type=int, default=os.cpu_count(), help='processes (the output does not depend on it)')
     a = p.parse_args(argv)
+    for flag, least in (('num_shards', 1), ('workers', 1), ('max_files', 0)):  # a one-line error, not a traceback
+        if getattr(a, flag) < least:
+            raise SystemExit(f'error: --{flag} must be at least {least}, got {getattr(a, flag)}')
 
     settings = {k: v for k, v in vars(a).items() if k not in ('workers', 'out_dir')}  # what decides the output
     files = input_files(a.input, a.max_files)

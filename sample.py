@@ -253,8 +253,14 @@ if __name__ == '__main__':
     e.add_argument('--clip_model', default=metrics.CLIP, help="CLIP for the CLIP score: hub id or path ('' off)")
     e.add_argument('--dino_model', default='', help=f'DINOv2 for FD-DINOv2: hub id or path, e.g. {metrics.DINOV2}')
     args = p.parse_args()
-    if args.n < 1:  # one-line errors: argparse's p.error prints the whole usage first
-        raise SystemExit(f'error: --n must be at least 1, got {args.n}')
+    for flag in ('n', 'steps', 'eval_stride', 'eval_n', 'batch'):  # one-line errors: argparse's p.error prints the
+        value = getattr(args, flag)  # whole usage first
+        if value is not None and value < 1:
+            raise SystemExit(f'error: --{flag} must be at least 1, got {value}')
+    if not 0 <= args.strength <= 1:
+        raise SystemExit(f'error: --strength must be in [0, 1], got {args.strength}')
+    if args.shift is not None and args.shift <= 0:
+        raise SystemExit(f'error: --shift must be > 0, got {args.shift}')
     for flag, path in (('--prompts_file', args.prompts_file), ('--init_image', args.init_image)):
         if path and not os.path.isfile(path):
             raise SystemExit(f'error: {flag}: no file at {path}')

@@ -65,6 +65,10 @@ def test_relaion_columns_and_a_missing_one(tmp_path):
     bad = run([sys.executable, 'prepare_laion.py', '--input', str(tmp_path / 'bad.parquet'),
                '--out_dir', str(tmp_path / 'o2')], check=False)
     assert bad.returncode != 0 and 'no column for width, height' in bad.stderr and 'Traceback' not in bad.stderr
+    for flag in ('--num_shards', '--workers'):  # before anything is read or written
+        bad = run([sys.executable, 'prepare_laion.py', '--input', str(tmp_path / 'relaion.parquet'), flag, '0',
+                   '--out_dir', str(tmp_path / 'o3')], check=False)
+        assert bad.stderr.strip() == f'error: {flag} must be at least 1, got 0' and not (tmp_path / 'o3').exists()
 
 
 def relaion_parquet(path, start, n, duplicates=()):

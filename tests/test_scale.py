@@ -104,3 +104,9 @@ def test_bench_prints_its_tables():
              '--text_len', '8', '--text_dim', '32'])
     steps = re.findall(r'([\d.]+) ms/step', p.stdout)
     assert len(steps) == 3 and all(float(s) > 0 for s in steps), p.stdout
+
+
+def test_bench_counts_under_one_are_one_line_errors():
+    for args in (['train', '--steps', '0'], ['train', '--batch', '0'], ['stream', '--n', '0'], ['prepare', '--rows', '0']):
+        p = run([sys.executable, 'bench.py', *args], check=False)
+        assert p.returncode != 0 and p.stderr.strip() == f'error: {args[1]} must be at least 1, got 0', p.stderr
