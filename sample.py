@@ -253,8 +253,9 @@ if __name__ == '__main__':
     e.add_argument('--clip_model', default=metrics.CLIP, help="CLIP for the CLIP score: hub id or path ('' off)")
     e.add_argument('--dino_model', default='', help=f'DINOv2 for FD-DINOv2: hub id or path, e.g. {metrics.DINOV2}')
     args = p.parse_args()
-    for flag in ('n', 'steps', 'eval_stride', 'eval_n', 'batch'):  # one-line errors: argparse's p.error prints the
-        value = getattr(args, flag)  # whole usage first
+    # one-line errors here, not argparse's p.error, which prints the whole usage first
+    for flag in ('n', 'steps', 'eval_stride', 'eval_n', 'batch'):
+        value = getattr(args, flag)
         if value is not None and value < 1:
             raise SystemExit(f'error: --{flag} must be at least 1, got {value}')
     if not 0 <= args.strength <= 1:

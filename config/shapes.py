@@ -19,8 +19,8 @@ adamw_lr_scale = 0.5  # the rest (embeddings, biases, the input, time, caption a
 max_iters = 2800  # 89,600 images where they fit: the minutes of ratio 4's 2,400 steps (1.25x the images of 1,920
 # steps: shape +0.9 to +3.3, README)
 max_minutes = 14.0  # where they do not, fewer steps: CPUs without native bf16 differ 2x in speed, and the count is
-# refitted as a run drifts after step 50 (a deadline). At the slower machine's speed 14 minutes held 1,480-1,651
-# steps, 14.1-14.2 min in all, shape >= 85 in 11 of 12 runs (84.1-87.9%); 13 held 1,340-1,508, 2 of 4 (README)
+# refitted as a run drifts after step 50 (a deadline). At the slower machine's speed 14 minutes held 1,480-1,770
+# steps, 14.1-14.2 min in all, shape >= 85 in 14 of 16 runs (84.1-88.7%); 13 held 1,340-1,508, 2 of 4 (README)
 learning_rate = 4e-3  # a small model with AdaLN-Zero takes 40x the DiT paper's rate: shape +6 points over 1e-3 (README)
 min_lr = 4e-4
 decay_lr = True
