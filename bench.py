@@ -71,7 +71,6 @@ def bench_train(a):
     x = torch.randn(a.batch, C, grid, grid, generator=g).to(a.device)
     ctx = torch.randn(a.batch, a.text_len, a.text_dim, generator=g).to(a.device)
     t, noise = torch.rand(a.batch, generator=g).to(a.device), torch.randn(x.shape, generator=g).to(a.device)
-    a.dtype = resolve_dtype(a.dtype, a.device)[0]
     autocast = autocast_for(a.device, a.dtype)
     ours = DiT(a.model, C, a.text_dim, grid, grad_checkpointing=a.grad_checkpointing)
     flops = ours.flops_per_image(a.text_len)  # the twin does the same matmuls
@@ -126,7 +125,6 @@ def bench_sample(a):
         p.data.normal_(0, 0.02)
     ctx = torch.randn(a.batch, a.text_len, a.text_dim, device=a.device)
     uncond = torch.zeros_like(ctx)
-    a.dtype = resolve_dtype(a.dtype, a.device)[0]
     autocast = autocast_for(a.device, a.dtype)
     net = torch.compile(model) if a.compile else model
 
@@ -255,14 +253,13 @@ def bench_latent(a):
     on the fly: the same DiT, batch and VAE (SD-VAE's architecture; FLOPs do not depend on the random weights)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tests'))  # fault_server.py
     from offline_laion import save_sd_vae
-    dtype = resolve_dtype(a.dtype, a.device)[0]
-    autocast = autocast_for(a.device, dtype)
+    autocast = autocast_for(a.device, a.dtype)
     photos = web_photos(4 * a.batch)
     q = multiprocessing.Queue()
     proc = multiprocessing.Process(target=serve, args=(photos, [], [], q), daemon=True)
     proc.start()
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
-        frozen = torch.bfloat16 if dtype == 'bfloat16' else torch.float32
+        frozen = torch.bfloat16 if a.dtype == 'bfloat16' else torch.float32
         vae = load_vae(save_sd_vae(os.path.join(tmp, 'vae'))).to(a.device, frozen)
         o = dict(fetch_threads=16, fetch_timeout=10.0, max_image_bytes=16_000_000, max_image_pixels=50_000_000,
                  min_image_size=64, allow_private_urls=True, honor_robots=True, random_crop=False, random_flip=True,
@@ -298,7 +295,7 @@ def bench_latent(a):
     proc.terminate()
     base = float(np.median(times['pre-made latents']))
     served, hits = stream.counters()[:2]
-    print(f'{a.model} at {a.res} px, batch {a.batch}, {dtype}, SD-VAE architecture, {a.workers} data worker(s), '
+    print(f'{a.model} at {a.res} px, batch {a.batch}, {a.dtype}, SD-VAE architecture, {a.workers} data worker(s), '
           f'on {device_name(a.device)}; the warm stream served {hits} of {served} samples from the cache')
     for name, ts in times.items():
         print(f'{name:24s} {np.median(ts) * 1e3:9.1f} ms/step  ({np.median(ts) / base:.3f} x pre-made)')
@@ -394,5 +391,7 @@ if __name__ == '__main__':
     for flag, value in vars(a).items():
         if type(value) is int and value < least.get(flag, 1):
             raise SystemExit(f'error: --{flag} must be at least {least.get(flag, 1)}, got {value}')
+    if 'device' in a:  # 'auto' resolved here, once; a bad --device stops in one line before any work
+        a.dtype = resolve_dtype(a.dtype, a.device)[0]
     {'train': bench_train, 'sample': bench_sample, 'stream': bench_stream, 'latent': bench_latent,
      'prepare': bench_prepare}[a.what](a)

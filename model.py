@@ -66,12 +66,18 @@ def choose_dtype(device_type, gpu_bf16=False, cpu_flags=(), onednn_bf16=True):
 
 
 def resolve_dtype(dtype, device):
-    """An explicit dtype wins; 'auto' asks this machine's hardware."""
+    """An explicit dtype wins; 'auto' asks this machine's hardware. A device torch does not know, or CUDA where torch
+    sees none, is a one-line error here, before anything loads onto it."""
+    try:
+        device_type = torch.device(device).type
+    except RuntimeError:
+        raise SystemExit(f"config error: device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')")
+    if device_type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit(f"config error: device {device!r}, but torch sees no CUDA GPU here: use device 'cpu'")
     if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
         raise SystemExit(f"config error: dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
     if dtype != 'auto':
         return dtype, 'set explicitly'
-    device_type = torch.device(device).type
     if device_type != 'cpu':
         gpu_bf16 = device_type == 'cuda' and torch.cuda.is_bf16_supported(including_emulation=False)
         return choose_dtype(device_type, gpu_bf16)

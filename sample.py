@@ -266,10 +266,10 @@ if __name__ == '__main__':
         if path and not os.path.isfile(path):
             raise SystemExit(f'error: {flag}: no file at {path}')
 
+    args.dtype, why = resolve_dtype(args.dtype, args.device)  # a bad --device or --dtype stops here
+    print(f'dtype {args.dtype}: {why}')
     args.out_dir = find_run(args.out_dir)
     model, te, vae, cfg, step = load_for_sampling(args.out_dir, args.device, args.text_encoder, args.vae)
-    args.dtype, why = resolve_dtype(args.dtype, args.device)
-    print(f'dtype {args.dtype}: {why}')
     trained = dict(steps=cfg['sample_steps'], cfg=cfg['sample_cfg'], cfg_t_min=cfg.get('cfg_t_min', 0.0),
                    cfg_t_max=cfg.get('cfg_t_max', 1.0))  # the run's sampling settings, unless the flags say otherwise
     gen = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in trained.items()}

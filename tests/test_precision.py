@@ -52,6 +52,20 @@ def test_explicit_dtype_wins_and_typos_are_one_line_errors(monkeypatch):
         model.resolve_dtype('bf16', 'cpu')
 
 
+def test_a_device_typo_or_a_missing_gpu_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    for device, message in (('cudax', "device 'cudax' is not a torch device"), ('gpu', 'is not a torch device'),
+                            ('cuda:1', "device 'cuda:1', but torch sees no CUDA GPU here")):
+        for dtype in ('auto', 'float32'):  # an explicit dtype does not skip the check
+            with pytest.raises(SystemExit) as e:
+                model.resolve_dtype(dtype, device)
+            assert str(e.value).startswith('config error: ') and message in str(e.value) and '\n' not in str(e.value)
+    for argv in (['train.py', '--device=cuda', '--max_iters=1'], ['sample.py', '--device=cuda', '--prompt', 'x'],
+                 ['bench.py', 'train', '--device=gpu']):  # on this CPU machine: before any loading or training
+        p = run([sys.executable, *argv], check=False, env={'CUDA_VISIBLE_DEVICES': ''})
+        assert p.returncode != 0 and p.stderr.strip().startswith('config error: device'), p.stderr
+
+
 def test_the_default_config_needs_no_native_bf16(monkeypatch, tmp_path):
     scope = {}
     exec(open('config/shapes.py').read(), scope)
