@@ -11,8 +11,10 @@ import concurrent.futures
 import hashlib
 import math
 import os
+import signal
 import struct
 import tempfile
+import threading
 
 import numpy as np
 import torch
@@ -284,6 +286,21 @@ LATENT_SHARE = 0.95, 0.05  # of the cache: latents (written by the node's ranks)
 LOCAL_WORLD = int(os.environ.get('LOCAL_WORLD_SIZE', 1))  # processes on this node
 
 
+def leave_signals_to_trainer(worker_id):
+    """Ctrl-C in a terminal and a scheduler's SIGTERM reach the whole process group: a worker lives on, as the step in
+    progress needs it, while the training process checkpoints (train.py); the parent's own SIGTERM, its DataLoader's
+    shutdown, still ends it at once, as torch's handler would (told apart by the sender, which only sigwaitinfo sees)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # before the fetch threads start, which inherit it
+    parent = os.getppid()
+
+    def wait_for_parent():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)
+    threading.Thread(target=wait_for_parent, daemon=True).start()
+
+
 def health(new, wait, wait_share):
     """The data path over a log interval, as a log line and curves. new: COUNTERS summed over the ranks; wait: seconds
     per step spent waiting for data, wait_share: their share of the interval."""
@@ -319,7 +336,8 @@ class LaionStream:
         if self.loader is None:
             self.loader = iter(torch.utils.data.DataLoader(
                 self.dataset, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
-                persistent_workers=self.workers > 0, prefetch_factor=4 if self.workers else None))
+                persistent_workers=self.workers > 0, prefetch_factor=4 if self.workers else None,
+                worker_init_fn=leave_signals_to_trainer))
             if self.vae is not None:  # this process writes the latents it encodes
                 o = self.dataset.o
                 self.cache = Cache(o['cache_dir'], o['cache_bytes'], LOCAL_WORLD, LATENT_SHARE[0])

@@ -334,6 +334,13 @@ class DiT(nn.Module):
         return 3 * 2 * macs
 
 
+def save_checkpoint(ckpt, path):
+    """Atomic: a crash mid-write leaves the last checkpoint whole."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    torch.save(ckpt, path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
 def load_checkpoint(path):
     """The checkpoint dict, or a one-line exit that says what is wrong with it."""
     if not os.path.isfile(path):

@@ -90,3 +90,11 @@ def with_adamw(model, lr, betas, weight_decay, ns_dtype):
     rest = [p for p in model.parameters() if id(p) not in on_muon]
     return [torch.optim.AdamW(rest, lr=lr, betas=betas, weight_decay=weight_decay, fused=True),
             Muon(matrices, lr=lr, weight_decay=weight_decay, ns_dtype=ns_dtype)]
+
+
+def optimizers(model, name, lr, betas, weight_decay, ns_dtype, adamw_lr_scale=1.0):
+    """train.py's optimizers and the scale of each one's rate on the shared schedule: for 'muon' with_adamw's pair,
+    AdamW's part at adamw_lr_scale; for 'adamw' AdamW alone, over every parameter."""
+    if name == 'muon':
+        return with_adamw(model, lr, betas, weight_decay, ns_dtype), [adamw_lr_scale, 1.0]
+    return [torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, fused=True)], [1.0]

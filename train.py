@@ -12,10 +12,10 @@ Resume where the last checkpoint stopped: --init_from=resume. From another run's
 import atexit
 import math
 import os
+import signal
 import sys
 import time
 from copy import deepcopy
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,7 @@ import shapes
 from configurator import check, configure
 from encoders import load_text_encoder, load_vae
 from model import DiT, autocast_for, fit_weights, load_checkpoint, load_weights, peak_flops, resolve_compile
-from model import resolve_dtype, to_device
+from model import resolve_dtype, save_checkpoint, to_device
 from sample import evaluate_shared, generate, save_grid
 
 # ----- I/O
@@ -146,7 +146,7 @@ master = rank == 0
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 torch.manual_seed(seed)  # the same initial weights on every rank; DDP checks
 torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's convolutions use TF32 by default already
-log = partial(print, flush=True) if master else lambda msg: None  # rank 0 speaks for all
+log = (lambda msg: print(msg, flush=True)) if master else lambda msg: None  # rank 0 speaks for all
 dtype, why = resolve_dtype(dtype, device)
 log(f'dtype {dtype}: {why}')
 compile, why = resolve_compile(compile, device, 'compile' in given)
@@ -205,15 +205,11 @@ elif init_from != 'scratch':  # another run's EMA weights begin this one: fresh 
 if fsdp and ddp:  # each block is a unit: its full weights exist only while it runs
     mesh = init_device_mesh(device_type, (world,))  # its own default is CUDA wherever CUDA exists
     for module in (raw_model, ema):
-        for block in module.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(module, mesh=mesh)
-if optimizer == 'muon':  # one schedule for both (AdamW's scaled); Newton-Schulz in bf16 where it is native
-    optimizers = muon.with_adamw(raw_model, learning_rate, (beta1, beta2), weight_decay, ns_dtype=frozen_dtype)
-else:
-    optimizers = [torch.optim.AdamW(raw_model.parameters(), lr=learning_rate, betas=(beta1, beta2),
-                                    weight_decay=weight_decay, fused=True)]
-lr_scales = [adamw_lr_scale, 1.0] if optimizer == 'muon' else [1.0]  # with_adamw's [AdamW, Muon]
+        for unit in (*module.blocks, module):  # the blocks, then the root: what the blocks leave (embeddings, head)
+            fully_shard(unit, mesh=mesh)
+# one schedule for all, each optimizer's rate scaled (AdamW's part of Muon's pair); Newton-Schulz in bf16 if native
+optimizers, lr_scales = muon.optimizers(raw_model, optimizer, learning_rate, (beta1, beta2), weight_decay,
+                                        frozen_dtype, adamw_lr_scale)
 full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # one plain format, sharded or not
 ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())  # fixed once sharded
 if init_from == 'resume':  # after sharding: the optimizer state follows the parameters' placement
@@ -258,16 +254,14 @@ def gather(obj):
     return objs
 
 
-def save_checkpoint():
+def save():
     # every rank takes part: under FSDP gathering the full state dicts is collective; data: each rank's stream position
     ckpt = dict(model=get_model_state_dict(raw_model, options=full), ema=get_model_state_dict(ema, options=full),
                 optimizer=get_optimizer_state_dict(raw_model, optimizers, options=full), step=step, config=config,
                 scaler=scaler.state_dict(), data=gather(stream.state_dict()), in_channels=vae_model.channels,
                 caption_dim=text_enc.dim, grid=grid)
     if master:
-        os.makedirs(out_dir, exist_ok=True)
-        torch.save(ckpt, ckpt_path + '.tmp')
-        os.replace(ckpt_path + '.tmp', ckpt_path)  # atomic: a crash mid-write leaves the last checkpoint intact
+        save_checkpoint(ckpt, ckpt_path)
 
 
 def write_samples():
@@ -297,14 +291,16 @@ def evaluate():
         curves(step, {f'eval/{k}': v for k, v in results.items()})
 
 
-# ----- the loop. Every random draw of a step comes from a generator reseeded by (seed, rank, step): the step is the RNG
-# state, so a resumed run continues exactly.
+# ----- the loop. A step's random draws come from a generator seeded by (seed, rank, step): a resume continues exactly
 n_bins = 4
 loss_sum = torch.zeros((), device=device)
 bin_sum, bin_count = torch.zeros(n_bins, device=device), torch.zeros(n_bins, device=device)
 t_begin, t_last, step_start, images_seen, last_counts, data_wait = time.time(), time.time(), step, 0, 0, 0.0
 gen = torch.Generator(device)
-while step < max_iters:
+caught, stop = [], False  # SIGTERM (a scheduler's preemption; torchrun passes its own on), SIGINT (Ctrl-C): the
+for s in (signal.SIGTERM, signal.SIGINT):  # run checkpoints at its step's end and stops; a second one stops it at once
+    signal.signal(s, lambda sig, frame: (caught.append(sig), signal.signal(sig, signal.SIG_DFL)))
+while step < max_iters and not stop:
     t_wait = time.time()
     images, captions = next(stream)  # latents and maybe caption embeddings where the stream encodes (LaionStream)
     data_wait += time.time() - t_wait
@@ -352,10 +348,12 @@ while step < max_iters:
     bin_sum.index_add_(0, b, per_sample.detach())
     bin_count.index_add_(0, b, torch.ones_like(per_sample))
     images_seen += B * world
+    stop = bool(caught) and not ddp  # ranks stop together: at a log step, where the stats tell them one was caught
     if step % log_interval == 0 or step == max_iters:
-        stats = torch.cat([loss_sum.view(1), bin_sum, bin_count])
+        stats = torch.cat([loss_sum.view(1), bin_sum, bin_count, torch.tensor([len(caught)], device=device)])
         if ddp:
             dist.all_reduce(stats)  # the logged loss is the mean over ranks
+        stop = stats[-1].item() > 0
         n_steps = (step - 1) % log_interval + 1
         dt = time.time() - t_last
         rate = images_seen / dt
@@ -367,14 +365,12 @@ while step < max_iters:
         curves(step, {'train/loss': train_loss, 'train/lr': lr_at(step - 1), 'train/images_per_s': rate,
                 **({'train/mfu': mfu} if peak else {})})
         if step % (10 * log_interval) == 0 or step == max_iters:
-            line, scalars = metrics.loss_by_t(stats[1:1 + n_bins].tolist(), stats[1 + n_bins:].tolist())
+            line, scalars = metrics.loss_by_t(stats[1:1 + n_bins].tolist(), stats[1 + n_bins:-1].tolist())
             log(line)
             curves(step, scalars)
             bin_sum.zero_(), bin_count.zero_()
         if dataset == 'laion':  # stream health over the interval, summed over ranks
-            counts = torch.tensor(stream.counters(), dtype=torch.float64, device=device)
-            if ddp:
-                dist.all_reduce(counts)
+            counts = torch.tensor(gather(stream.counters()), dtype=torch.float64).sum(0)
             line, scalars = data.health((counts - last_counts).tolist(), data_wait / n_steps, data_wait / dt)
             last_counts = counts
             log(line)
@@ -382,19 +378,23 @@ while step < max_iters:
         loss_sum.zero_()
         t_last, images_seen, data_wait = time.time(), 0, 0.0
     t_aside = time.time()
-    if step % ckpt_interval == 0 or step == max_iters:
-        save_checkpoint()
+    if step % ckpt_interval == 0 or step == max_iters or stop:
+        save()
     if sample_interval and (step % sample_interval == 0 or step == max_iters):
         write_samples()
     if eval_interval and (step % eval_interval == 0 or step == max_iters):
         evaluate()
     t_last += time.time() - t_aside  # img/s is training's alone
 
-log(f'done: {step} steps in {(time.time() - t_begin) / 60:.2f} min')
+status = 128 + (caught or [signal.SIGTERM])[0] if stop and step < max_iters else 0  # a shell's, for a signal's end
+log(f'stopped at step {step} by {signal.Signals(status - 128).name}: --init_from=resume continues from {ckpt_path}'
+    if status else f'done: {step} steps in {(time.time() - t_begin) / 60:.2f} min')
 curves.close()
 if ddp:
     dist.destroy_process_group()
     if device_type == 'cpu':  # gloo's threads outlive the group (the model holds it); one freeing tensors at interpreter
         # shutdown aborts the run (pytorch#179291): end first, once what ran this script is done (1 after an exception)
         del stream  # its DataLoader's workers stop now
-        atexit.register(lambda: (sys.stdout.flush(), os._exit(1 if hasattr(sys, 'last_value') else 0)))
+        atexit.register(lambda: (sys.stdout.flush(), os._exit(1 if hasattr(sys, 'last_value') else status)))
+if status:  # not 0: `python train.py ... && python sample.py ...` stops here
+    sys.exit(status)

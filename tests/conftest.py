@@ -1,7 +1,9 @@
 import gc
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -36,6 +38,43 @@ def run(args, check=True, timeout=300, **kw):
     if check and p.returncode != 0:
         pytest.fail(f'{args} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}')
     return p
+
+
+def kill_tree(pid):
+    """SIGKILL to a process and all its descendants (torchrun's ranks run in sessions of their own)."""
+    tree, i = [pid], 0
+    while i < len(tree):
+        try:
+            tree += [int(c) for t in os.listdir(f'/proc/{tree[i]}/task')
+                     for c in open(f'/proc/{tree[i]}/task/{t}/children').read().split()]
+        except OSError:  # gone already
+            pass
+        i += 1
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def interrupt(args, after_step, sig=signal.SIGTERM, whom=lambda p: [p.pid], timeout=300):
+    """Start a run in its own process group, send `sig` to the pids `whom` names (a negative one: a group) once it
+    has logged `after_step`, and return its exit status and all it printed."""
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
+    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                         start_new_session=True)
+    watchdog = threading.Timer(timeout, kill_tree, (p.pid,))  # a run that hangs fails the test
+    watchdog.start()
+    printed = []
+    for line in p.stdout:
+        printed.append(line)
+        if line.startswith(f'step {after_step} '):
+            for pid in whom(p):
+                os.kill(pid, sig)
+            break
+    printed.append(p.communicate()[0])
+    watchdog.cancel()
+    return p.returncode, ''.join(printed)
 
 
 def logged_losses(stdout):

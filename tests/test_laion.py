@@ -2,6 +2,8 @@
 import io
 import json
 import os
+import signal
+import sys
 import time
 
 import numpy as np
@@ -11,7 +13,7 @@ from PIL import Image
 
 import data
 import fault_server as fs
-from conftest import stream_options
+from conftest import TINY, interrupt, logged_losses, run, stream_options
 
 SIZE = 32
 
@@ -226,17 +228,32 @@ def test_decode_sizes_and_crops(tmp_path):
 
 
 
-def test_train_on_the_stream_and_resume(server, tmp_path):
-    import sys
-    from conftest import TINY, logged_losses, run
-    url, _ = server
+def train_on_the_stream(url, tmp_path):
+    """train.py's command line for a tiny run on the loopback server's images, with two DataLoader workers."""
     pattern = write_shards(tmp_path / 'shards', rows_for(url, list(IMAGES) + ['/404.jpg', '/html.jpg']), 2)
-    args = [sys.executable, 'train.py', *TINY, '--image_size=32', '--dataset=laion', f'--data_shards={pattern}',
+    return [sys.executable, 'train.py', *TINY, '--image_size=32', '--dataset=laion', f'--data_shards={pattern}',
             '--data_workers=2', '--fetch_threads=4', '--allow_private_urls=True', '--min_image_size=32',
             f'--cache_dir={tmp_path / "cache"}', '--cache_gb=0.01', f'--out_dir={tmp_path / "out"}', '--batch_size=4']
+
+
+def test_train_on_the_stream_and_resume(server, tmp_path):
+    args = train_on_the_stream(server[0], tmp_path)
     p = run(args + ['--max_iters=2'])
     assert p.stdout.count('data: 4 served | cache hits') == 2  # the stream's health, every log line
     ckpt = torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=True)
     assert set(ckpt['data'][0]['positions']) == {0, 1}
     p = run(args + ['--max_iters=4', '--init_from=resume'])
     assert sorted(logged_losses(p.stdout)) == [3, 4] and 'cache hits' in p.stdout
+
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
+def test_a_signal_to_the_group_checkpoints_with_the_workers_alive(server, tmp_path, sig):
+    # Ctrl-C in a terminal, or a scheduler's SIGTERM, signals the whole process group, the DataLoader's workers too:
+    # they leave it to the training process, which checkpoints the step it is in, then stops them and exits. A worker
+    # gone first fails that step, nothing saved; one that outlives its DataLoader keeps the run from exiting
+    args = train_on_the_stream(server[0], tmp_path) + ['--max_iters=1000', '--ckpt_interval=1000']
+    status, printed = interrupt(args, after_step=2, sig=sig, whom=lambda p: [-p.pid], timeout=120)
+    stopped = max(logged_losses(printed))
+    assert status == 128 + sig and f'stopped at step {stopped}' in printed.splitlines()[-1], printed[-3000:]
+    ckpt = torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=True)
+    assert ckpt['step'] == stopped and set(ckpt['data'][0]['positions']) == {0, 1}

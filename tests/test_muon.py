@@ -95,3 +95,12 @@ def test_with_adamw_splits_the_blocks_matrices_from_the_rest_and_everything_lear
     adamw.step(), mu.step()
     frozen = [n for n, p in m.named_parameters() if torch.equal(p, before[n])]
     assert not frozen, frozen
+
+
+def test_optimizers_name_the_rate_scale_of_each():
+    m = DiT('DiT-Mi/4', 3, 64, 16)
+    (adamw, mu), scales = muon.optimizers(m, 'muon', 1e-3, (0.9, 0.999), 0.0, torch.float32, adamw_lr_scale=0.5)
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(mu, muon.Muon) and scales == [0.5, 1.0]
+    (alone,), scales = muon.optimizers(m, 'adamw', 1e-3, (0.9, 0.999), 0.0, torch.float32, adamw_lr_scale=0.5)
+    assert isinstance(alone, torch.optim.AdamW) and scales == [1.0]  # the scale is Muon's pair's alone
+    assert len(alone.param_groups[0]['params']) == len(list(m.parameters()))
