@@ -291,6 +291,8 @@ def leave_signals_to_trainer(worker_id):
     progress needs it, while the training process checkpoints (train.py); the parent's own SIGTERM, its DataLoader's
     shutdown, still ends it at once, as torch's handler would (told apart by the sender, which only sigwaitinfo sees)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, 'sigwaitinfo'):  # macOS has none: SIGTERM stays torch's to handle
+        return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # before the fetch threads start, which inherit it
     parent = os.getppid()
 
