@@ -8,6 +8,7 @@ whose globals replace the settings of the same name, then each --key=value does;
 import ast
 import os
 import sys
+import tempfile
 
 
 def configure(settings, argv):
@@ -47,9 +48,10 @@ def configure(settings, argv):
     return given
 
 
-def check(settings, choices, at_least, positive, fractions):
+def check(settings, choices, at_least, positive, fractions, folders=()):
     """Stop at the first setting out of bounds: a string not among its choices, a number under its least value, one
-    not above 0 (positive) or outside [0, 1] (fractions)."""
+    not above 0 (positive) or outside [0, 1] (fractions), a folder the run will write to that it cannot (folders:
+    created here, as the run would, so that a bad one stops now, not at the first checkpoint minutes later)."""
     for key, allowed in choices.items():
         if settings[key] not in allowed:
             sys.exit(f"config error: {key} must be {' or '.join(map(repr, allowed))}, got {settings[key]!r}")
@@ -58,3 +60,9 @@ def check(settings, choices, at_least, positive, fractions):
                            [(k, 0 <= settings[k] <= 1, 'in [0, 1]') for k in fractions]):
         if not ok:
             sys.exit(f'config error: {key} must be {bound}, got {settings[key]}')
+    for key in folders:
+        try:
+            os.makedirs(settings[key], exist_ok=True)
+            tempfile.TemporaryFile(dir=settings[key]).close()
+        except OSError as e:
+            sys.exit(f'config error: {key} {settings[key]!r} is not a folder this run can write ({e.strerror})')

@@ -127,7 +127,8 @@ check(settings, dict(optimizer=('adamw', 'muon'), lr_decay=('cosine', 'linear'),
                     t_sampling=('logit_normal', 'uniform')),  # a typo or a value out of range stops here, in one line
       at_least=dict(batch_size=1, log_interval=1, ckpt_interval=1, sample_interval=0, eval_interval=0, eval_n=1,
                     sample_steps=1, warmup_iters=0, learning_rate=0, min_lr=0, max_minutes=0, data_workers=0,
-                    fetch_threads=1), positive=('adamw_lr_scale',), fractions=('cond_drop', 'ema_decay'))
+                    fetch_threads=1), positive=('adamw_lr_scale',), fractions=('cond_drop', 'ema_decay'),
+      folders=('out_dir',))
 if optimizer == 'muon' and fsdp:  # measured: 3 steps under FSDP moved weights 0.013 away from DDP's
     sys.exit('config error: Muon orthogonalises whole matrices and FSDP shards them: use fsdp=False (DDP) with muon')
 if eval_interval and dataset == 'laion' and not eval_ref:
@@ -392,8 +393,7 @@ log(f'stopped at step {step} by {signal.Signals(status - 128).name}: --init_from
 curves.close()
 if ddp:
     dist.destroy_process_group()
-    if device_type == 'cpu':  # gloo's threads outlive the group (the model holds it); one freeing tensors at interpreter
-        # shutdown aborts the run (pytorch#179291): end first, once what ran this script is done (1 after an exception)
+    if device_type == 'cpu':  # gloo's live threads abort interpreter shutdown (pytorch#179291): at exit, end first
         del stream  # its DataLoader's workers stop now
         atexit.register(lambda: (sys.stdout.flush(), os._exit(1 if hasattr(sys, 'last_value') else status)))
 if status:  # not 0: `python train.py ... && python sample.py ...` stops here

@@ -1,6 +1,10 @@
+import os
+import sys
+
 import pytest
 
 from configurator import check, configure
+from conftest import TINY, run
 
 
 def settings():
@@ -50,3 +54,18 @@ def test_values_out_of_bounds_stop_with_one_line(bad, message):
     with pytest.raises(SystemExit) as e:
         check({**good, **bad}, **BOUNDS)
     assert str(e.value) == f'config error: {message}'
+
+
+def test_an_output_folder_the_run_cannot_write_stops_before_it_trains(tmp_path):
+    good = dict(decay='linear', batch_size=1, warmup=0, lr=1e-4, drop=1.0)
+    check({**good, 'out_dir': str(tmp_path / 'runs' / 'a')}, **BOUNDS, folders=('out_dir',))
+    assert (tmp_path / 'runs' / 'a').is_dir() and not os.listdir(tmp_path / 'runs' / 'a')  # made, left empty
+    (tmp_path / 'file').write_text('')
+    with pytest.raises(SystemExit) as e:  # a file where a folder must go
+        check({**good, 'out_dir': str(tmp_path / 'file' / 'a')}, **BOUNDS, folders=('out_dir',))
+    assert str(e.value).startswith(f"config error: out_dir '{tmp_path / 'file' / 'a'}' is not a folder this run can")
+    # train.py, with TensorBoard off (whose writer would otherwise fail first): at once, not at the first checkpoint
+    p = run([sys.executable, 'train.py', *TINY, '--tensorboard_log=False', f"--out_dir={tmp_path / 'file' / 'a'}"],
+            check=False)
+    assert p.returncode != 0 and 'config error: out_dir' in p.stderr.strip().splitlines()[-1]
+    assert 'step' not in p.stdout and 'dtype' not in p.stdout  # nothing loaded, nothing trained
