@@ -47,7 +47,8 @@ def guided(model, ctx, uncond, cfg, interval=(0.0, 1.0)):
         return lambda z, t: model(z, t, ctx)
 
     def v(z, t):  # t: (B,), one time for the whole batch
-        if not interval[0] <= t[0].item() <= interval[1]:
+        # reading t back is a host sync on a GPU: only a narrowed interval needs it
+        if interval != (0.0, 1.0) and not interval[0] <= t[0].item() <= interval[1]:
             return model(z, t, ctx)
         v_cond, v_uncond = model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([ctx, uncond])).chunk(2)
         return v_uncond + cfg * (v_cond - v_uncond)
