@@ -42,6 +42,8 @@ def test_bf16_only_where_onednn_may_use_it():
 
 
 def test_explicit_dtype_wins_and_typos_are_one_line_errors(monkeypatch):
+    # both hardware reports mocked: on an AVX2-only host the real oneDNN says no bf16, whatever the flags say
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: True)
     monkeypatch.setattr(model, 'cpu_flags', lambda: AVX2_EPYC)
     assert model.resolve_dtype('auto', 'cpu')[0] == 'float32'
     assert model.resolve_dtype('bfloat16', 'cpu') == ('bfloat16', 'set explicitly')
