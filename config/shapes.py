@@ -19,8 +19,8 @@ adamw_lr_scale = 0.5  # the rest (embeddings, biases, the input, time, caption a
 max_iters = 2800  # 89,600 images where they fit: the minutes of ratio 4's 2,400 steps (1.25x the images of 1,920
 # steps: shape +0.9 to +3.3, README)
 max_minutes = 14.0  # where they do not, fewer steps: CPUs without native bf16 differ 2x in speed, and the count is
-# refitted as a run drifts after step 50 (a deadline). On the AVX2-only EPYC itself 14 minutes held 2,758-2,800
-# steps in a fast hour (shape 92.0 / 93.3%); at its slow hours' speed 1,480-1,770 steps, shape >= 85 in 14 of 16 runs
+# refitted as a run drifts after step 50 (a deadline). On the AVX2-only EPYC itself 14 minutes held 2,642-2,800
+# steps in a fast hour (shape 92.0-93.3%); at its slow hours' speed 1,480-1,770 steps, shape >= 85 in 14 of 16 runs
 # at 4e-3 (84.1-88.7%), 10 of 10 at 5e-3 (85.5-89.4%); 13 minutes held 1,340-1,508, 2 of 4 (README)
 learning_rate = 5e-3  # a small model with AdaLN-Zero takes 50x the DiT paper's rate: 4e-3 gained shape +6 points
 # over 1e-3; 5e-3 (and its end, 5e-4) over 4e-3 at the slower machine's ~1,500 steps +1.0 on the mean of ten seeds
